@@ -1,0 +1,193 @@
+"""Redirection client: what user code calls instead of running a model itself.
+
+    from runtime.client import Model
+    logits = Model("resnet50")(image)   # image: numpy array (or CPU torch tensor)
+
+One request per model call goes to the node's GPU server over a Unix socket; input and
+output tensors travel through a shared-memory segment owned by this process. Nothing here
+imports torch or touches CUDA: the action process never creates a CUDA context nor holds
+model weights.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import uuid
+from multiprocessing import shared_memory
+
+import numpy as np
+
+from runtime.gpu_server import protocol
+
+DEFAULT_SOCKET = "/run/torpor/gpu.sock"
+DEFAULT_SHM_BYTES = 16 << 20
+MAX_REPLY_PAYLOAD = 1 << 31
+
+
+class ModelError(Exception):
+    """A model call failed.
+
+    Attributes:
+        status: HTTP-style status — 400 bad input, 403 not allowed, 404 unknown model,
+            413 over a size limit, 502 the model failed to load, 503 the GPU server is
+            unavailable or has no room, 500 a device or model fault.
+        code: short machine-readable reason (``bad_input``, ``unknown_model``...).
+    """
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+def _as_numpy(x) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a CPU torch tensor, without importing torch
+        return x.detach().numpy()
+    return np.asarray(x)
+
+
+class GPUServerClient:
+    """A connection to the GPU server, one socket and one shared-memory segment per thread.
+
+    Args:
+        socket_path: the server's Unix socket (default ``$TORPOR_GPU_SOCKET``, else
+            ``/run/torpor/gpu.sock``).
+        token: the function's token (default ``$TORPOR_FUNCTION_TOKEN``), sent with calls.
+        timeout_s: seconds to wait for a reply.
+    """
+
+    def __init__(self, socket_path: str | None = None, token: str | None = None, timeout_s: float = 120.0):
+        self.socket_path = socket_path or os.environ.get("TORPOR_GPU_SOCKET") or DEFAULT_SOCKET
+        self.token = token if token is not None else os.environ.get("TORPOR_FUNCTION_TOKEN", "")
+        self.timeout_s = timeout_s
+        self._local = threading.local()
+
+    def _sock(self) -> socket.socket:
+        sock = getattr(self._local, "sock", None)
+        if sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout_s)
+            try:
+                sock.connect(self.socket_path)
+            except OSError as exc:
+                sock.close()
+                raise ModelError(503, "unavailable", f"GPU server at {self.socket_path} is unavailable: {exc}") from None
+            self._local.sock = sock
+        return sock
+
+    def _shm(self, nbytes: int) -> shared_memory.SharedMemory:
+        shm = getattr(self._local, "shm", None)
+        if shm is None or shm.size < nbytes:
+            if shm is not None:
+                shm.close()
+                shm.unlink()
+            shm = shared_memory.SharedMemory(name=f"torpor-{os.getpid()}-{uuid.uuid4().hex[:8]}", create=True,
+                                             size=max(nbytes, DEFAULT_SHM_BYTES))
+            self._local.shm = shm
+        return shm
+
+    def call(self, header: dict, payload: bytes = b"") -> tuple[dict, bytes]:
+        """Sends one request and returns the reply (header, payload).
+
+        Raises:
+            ModelError: the server answered with an error, or could not be reached.
+        """
+        if self.token:
+            header = {**header, "token": self.token}
+        try:
+            sock = self._sock()
+            protocol.send(sock, header, payload)
+            reply, data = protocol.recv(sock, MAX_REPLY_PAYLOAD)
+        except ModelError:
+            raise
+        except (OSError, ConnectionError, protocol.ProtocolError) as exc:
+            self.close()
+            raise ModelError(503, "unavailable", f"GPU server connection failed: {exc}") from None
+        if not reply.get("ok"):
+            raise ModelError(int(reply.get("status", 500)), reply.get("code", "error"), reply.get("error", "unknown error"))
+        return reply, data
+
+    def infer(self, model: str, inputs: list, device: int | None = None, timeout_ms: int | None = None) -> list[np.ndarray]:
+        """Runs ``model`` on ``inputs`` (numpy arrays or CPU tensors) and returns its outputs.
+
+        Raises:
+            ModelError: see its ``status``.
+        """
+        arrays = [_as_numpy(x) for x in inputs]
+        entries, end = protocol.describe(arrays)
+        shm = self._shm(end + (4 << 20))
+        protocol.write(shm.buf, entries, arrays)
+        header = {"op": "infer", "model": model, "shm": shm.name, "shm_bytes": shm.size, "inputs": entries}
+        if device is not None:
+            header["device"] = device
+        if timeout_ms is not None:
+            header["timeout_ms"] = timeout_ms
+        reply, data = self.call(header)
+        return protocol.read(data if reply.get("payload") else shm.buf, reply["outputs"], copy=True)
+
+    def prefetch(self, model: str, device: int | None = None) -> int:
+        """Starts swapping ``model`` in on a device (``device`` is a hint); returns the device."""
+        return self.call({"op": "prefetch", "model": model, **({"device": device} if device is not None else {})})[0]["device"]
+
+    def register(self, model: str) -> dict:
+        """Loads (or reloads) ``model`` from the repository into the host store."""
+        return self.call({"op": "register", "model": model})[0]
+
+    def unregister(self, model: str) -> None:
+        self.call({"op": "unregister", "model": model})
+
+    def evict(self, model: str) -> list[int]:
+        """Evicts ``model`` from every device where it is idle; returns those devices."""
+        return self.call({"op": "evict", "model": model})[0]["devices"]
+
+    def stats(self) -> dict:
+        return self.call({"op": "stats"})[0]
+
+    def health(self) -> dict:
+        return self.call({"op": "health"})[0]
+
+    def close(self) -> None:
+        """Closes this thread's socket and frees its shared memory."""
+        sock = getattr(self._local, "sock", None)
+        if sock is not None:
+            sock.close()
+            self._local.sock = None
+        shm = getattr(self._local, "shm", None)
+        if shm is not None:
+            shm.close()
+            shm.unlink()
+            self._local.shm = None
+
+
+_default: GPUServerClient | None = None
+
+
+class Model:
+    """A model served by the node's GPU server, called like a function.
+
+    ``Model("resnet50")(x)`` sends ``x`` (numpy array or CPU tensor, e.g. float32
+    [1, 3, 224, 224]) and returns the output as a numpy array, or a tuple of arrays for
+    models with several outputs.
+
+    Raises:
+        ModelError: on any failure (see its ``status``).
+    """
+
+    def __init__(self, name: str, client: GPUServerClient | None = None):
+        global _default
+        if client is None:
+            _default = _default or GPUServerClient()
+            client = _default
+        self.name = name
+        self.client = client
+
+    def __call__(self, *inputs):
+        outputs = self.client.infer(self.name, list(inputs))
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def prefetch(self) -> None:
+        """Asks for the model to be swapped in ahead of the call (late binding)."""
+        self.client.prefetch(self.name)

@@ -1,0 +1,145 @@
+"""Per-device weight arena: one allocation made at start, each resident model in one
+contiguous region of it, no device allocation on the request path.
+
+Placement is first-fit over the free gaps. When no gap is large enough, the arena evicts a
+*contiguous window*: among all runs of adjacent regions (and the free gaps between them)
+that span the needed bytes and hold no model in use, it picks the one whose evicted models
+cost least — the caller ranks models by eviction preference (LRU, or Torpor's policy that
+keeps the only copy of a heavy model). That is how fragmentation is handled: a request never
+fails while enough *contiguous* evictable room exists, and it never moves a resident model,
+so a model's address stays fixed while it is resident (CUDA graphs and bound modules keep
+working). A model may ask for its previous offset again (its "home"), so that it usually
+lands where it was before.
+"""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+from typing import Callable
+
+ALIGNMENT = 2 * 1024 * 1024  # bytes; regions start on 2 MiB boundaries (the copy group size)
+
+
+class ArenaFull(Exception):
+    """No window of the needed size can be freed now: every candidate holds a model in use,
+    or the model is larger than the arena."""
+
+
+@dataclass
+class Region:
+    """``size`` bytes at ``offset`` of the arena, holding model ``owner``."""
+
+    offset: int
+    size: int
+    owner: str
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.size
+
+
+def align_up(n: int, alignment: int = ALIGNMENT) -> int:
+    return (n + alignment - 1) // alignment * alignment
+
+
+class Arena:
+    """Book-keeping of one device's weight arena (the memory itself is owned by the caller).
+
+    Args:
+        capacity: arena size in bytes.
+        alignment: region alignment in bytes.
+    """
+
+    def __init__(self, capacity: int, alignment: int = ALIGNMENT):
+        self.capacity = capacity // alignment * alignment
+        self.alignment = alignment
+        self.regions: list[Region] = []  # sorted by offset
+
+    @property
+    def used(self) -> int:
+        """Bytes held by regions."""
+        return sum(r.size for r in self.regions)
+
+    def region_of(self, owner: str) -> Region | None:
+        return next((r for r in self.regions if r.owner == owner), None)
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """Free ``(offset, size)`` ranges in address order."""
+        out, cursor = [], 0
+        for r in self.regions:
+            if r.offset > cursor:
+                out.append((cursor, r.offset - cursor))
+            cursor = r.end
+        if cursor < self.capacity:
+            out.append((cursor, self.capacity - cursor))
+        return out
+
+    def plan(self, nbytes: int, evictable: Callable[[str], bool], cost: Callable[[list[str]], float],
+             home: int | None = None) -> tuple[int, list[str]]:
+        """Where ``nbytes`` would go and which owners must be evicted first.
+
+        Args:
+            nbytes: bytes needed (rounded up to the alignment).
+            evictable: whether an owner may be evicted now (not in use).
+            cost: price of evicting a window's owners together (lowest wins).
+            home: preferred offset, taken when it is free or cheapest.
+
+        Returns:
+            ``(offset, victims)``; victims is empty when a free gap fits.
+
+        Raises:
+            ArenaFull: no window can be freed.
+        """
+        size = align_up(nbytes, self.alignment)
+        if size > self.capacity:
+            raise ArenaFull(f"{nbytes} bytes exceed the arena's {self.capacity} bytes")
+        fits = [off for off, gap in self.gaps() if gap >= size]
+        if home is not None and self._window_free(home, size):
+            return home, []
+        if fits:
+            return fits[0], []
+        best: tuple[float, int, list[str]] | None = None
+        # the home goes first so that it wins ties
+        starts = ([home] if home is not None else []) + sorted(
+            {0} | {r.end for r in self.regions} | {r.offset for r in self.regions})
+        for start in starts:
+            if start % self.alignment or start + size > self.capacity:
+                continue
+            covered = [r for r in self.regions if r.offset < start + size and r.end > start]
+            if not all(evictable(r.owner) for r in covered):
+                continue
+            price = cost([r.owner for r in covered])
+            if best is None or price < best[0]:
+                best = (price, start, [r.owner for r in covered])
+        if best is None:
+            raise ArenaFull(f"no contiguous {size} bytes can be freed: the models in the way are in use")
+        return best[1], best[2]
+
+    def _window_free(self, start: int, size: int) -> bool:
+        return start % self.alignment == 0 and start + size <= self.capacity and not any(
+            r.offset < start + size and r.end > start for r in self.regions)
+
+    def place(self, owner: str, offset: int, nbytes: int) -> Region:
+        """Records ``owner`` at ``offset``; the range must be free (evict first).
+
+        Raises:
+            ValueError: the range overlaps a region or leaves the arena.
+        """
+        size = align_up(nbytes, self.alignment)
+        if not self._window_free(offset, size):
+            raise ValueError(f"[{offset}, {offset + size}) is not free")
+        region = Region(offset, size, owner)
+        bisect.insort(self.regions, region, key=lambda r: r.offset)
+        return region
+
+    def free(self, owner: str) -> Region:
+        """Removes ``owner``'s region and returns it.
+
+        Raises:
+            KeyError: ``owner`` holds no region.
+        """
+        region = self.region_of(owner)
+        if region is None:
+            raise KeyError(owner)
+        self.regions.remove(region)
+        return region

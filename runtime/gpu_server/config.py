@@ -1,0 +1,25 @@
+"""Settings of the GPU server process (flags and env vars: runtime/settings.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from runtime.settings import setting
+
+
+@dataclass
+class GPUServerSettings:
+    """Everything ``torpor gpu-server`` can be told."""
+
+    socket: str = setting(".state/gpu.sock", "TORPOR_GPU_SOCKET", "Unix socket path to serve on")
+    socket_mode: str = setting("660", "TORPOR_GPU_SOCKET_MODE", "octal file mode of the socket (owner and group only)")
+    model_repo: str = setting(".state/models", "TORPOR_MODEL_REPO", "model repository directory")
+    redis_url: str = setting("", "TORPOR_REDIS_URL", "Redis for device state (empty: do not publish)")
+    node_id: str = setting("node0", "TORPOR_NODE_ID", "this node's id in Redis")
+    cpu_devices: int = setting(0, "TORPOR_CPU_DEVICES", "serve on N CPU devices instead of the GPUs (0: GPUs if any, else 1 CPU device)")
+    device_memory: int = setting(1 << 30, "TORPOR_DEVICE_MEMORY", "weight arena of each CPU device", "bytes")
+    arena_bytes: int = setting(0, "TORPOR_ARENA_BYTES", "weight arena of each GPU (0: 60% of its free memory)", "bytes")
+    group_bytes: int = setting(2 << 20, "TORPOR_GROUP_BYTES", "copy group size of pipelined swap-ins", "bytes")
+    max_input_bytes: int = setting(256 << 20, "TORPOR_MAX_INPUT_BYTES", "largest total input of one call", "bytes")
+    room_timeout_s: float = setting(30.0, "TORPOR_ROOM_TIMEOUT_S", "longest wait for device room held by models in use", "s")
+    publish_interval_s: float = setting(0.5, "TORPOR_PUBLISH_INTERVAL_S", "period of device-state updates in Redis", "s")
+    torch_threads: int = setting(0, "TORPOR_TORCH_THREADS", "intra-op CPU threads of torch (0: torch's default)")

@@ -1,0 +1,222 @@
+"""One device's executor: its resident-model table, weight arena and compute stream.
+
+A request *acquires* its model on the device (swapping it in when absent, evicting idle
+models to make contiguous room), *runs* it, and *releases* it. A model with a request
+between acquire and release is in use and is never evicted; requests that need room held by
+models in use wait until one is released. Runs on one device are serialised (one compute
+stream); different devices run in parallel.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from runtime.gpu_server.arena import Arena, ArenaFull, Region
+from runtime.gpu_server.device import Device
+from runtime.gpu_server.store import HostModel
+from runtime.gpu_server.swap import GROUP_BYTES, Gates, SwapIn
+
+BOUND_CACHE = 64  # device-bound module skeletons kept per executor (no device memory each)
+
+
+class NoRoom(Exception):
+    """The model cannot be placed on this device before the deadline."""
+
+
+class DeviceFault(Exception):
+    """The device failed while running a model (e.g. a CUDA error); the device is unhealthy."""
+
+
+@dataclass
+class Residency:
+    """A model resident on a device: its region, its bound module and its users."""
+
+    model: HostModel
+    region: Region
+    module: nn.Module
+    gates: Gates
+    last_used: float = field(default_factory=time.monotonic)
+    in_use: int = 0
+
+
+@dataclass
+class ExecutorStats:
+    swap_ins: int = 0
+    swap_in_bytes: int = 0
+    evictions: int = 0
+    runs: int = 0
+
+
+def flatten(out) -> list[torch.Tensor]:
+    """A model's output (tensor, or nested tuple/list of tensors) as a flat list."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flatten(o)]
+    raise TypeError(f"model returned {type(out).__name__}, expected tensors")
+
+
+class Executor:
+    """Serves models on one :class:`Device`.
+
+    Args:
+        device: the device and its arena memory.
+        window_cost: price of evicting a group of resident models together (lowest is
+            evicted); default LRU: the most recently used victim sets the price.
+        group_bytes: copy group size of pipelined swap-ins in bytes.
+    """
+
+    def __init__(self, device: Device, window_cost: Callable[["Executor", list[str]], float] | None = None,
+                 group_bytes: int = GROUP_BYTES):
+        self.device = device
+        self.arena = Arena(device.arena_bytes)
+        self.resident: dict[str, Residency] = {}
+        self.stats = ExecutorStats()
+        self.healthy = True
+        self.fault = ""
+        self.queued = 0  # requests routed here and not finished
+        self.group_bytes = group_bytes
+        self._window_cost = window_cost or (lambda ex, owners: max(ex.resident[o].last_used for o in owners))
+        self._cond = threading.Condition()
+        self._run_lock = threading.Lock()
+        self._homes: dict[str, int] = {}
+        self._bound: OrderedDict[str, tuple[HostModel, int, nn.Module, Gates]] = OrderedDict()
+
+    def is_resident(self, name: str) -> bool:
+        return name in self.resident
+
+    def fits_without_eviction(self, nbytes: int) -> bool:
+        return any(size >= nbytes for _, size in self.arena.gaps())
+
+    def acquire(self, model: HostModel, timeout_s: float) -> tuple[Residency, bool]:
+        """Makes ``model`` resident (starting its swap-in if absent) and marks it in use.
+
+        The swap-in is only *issued* here; the run waits for each layer's bytes.
+
+        Returns:
+            (the residency, whether this call started a swap-in).
+
+        Raises:
+            NoRoom: no room could be made within ``timeout_s`` seconds (models in use hold
+                it), or the model is larger than the arena.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while True:
+                res = self.resident.get(model.name)
+                if res is not None and res.model is not model and res.in_use == 0:
+                    self._evict(model.name)  # a stale version of a re-registered model
+                    res = None
+                if res is not None and res.model is model:
+                    res.in_use += 1
+                    return res, False
+                if res is None:
+                    try:
+                        return self._swap_in(model), True
+                    except ArenaFull as exc:
+                        if model.nbytes > self.arena.capacity:
+                            raise NoRoom(str(exc)) from None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise NoRoom(f"no room for {model.name} on device {self.device.index} within {timeout_s:.1f} s: "
+                                 "the resident models are in use")
+                self._cond.wait(remaining)
+
+    def _swap_in(self, model: HostModel) -> Residency:
+        offset, victims = self.arena.plan(
+            model.nbytes, evictable=lambda o: self.resident[o].in_use == 0,
+            cost=lambda owners: self._window_cost(self, owners), home=self._homes.get(model.name))
+        for victim in victims:
+            self._evict(victim)
+        region = self.arena.place(model.name, offset, model.nbytes)
+        self._homes[model.name] = offset
+        module, gates = self._bind(model, offset)
+        dst = self.device.weights[offset:offset + model.nbytes]
+        gates.swap = SwapIn(self.device, model.buffer, dst, self.group_bytes)
+        self.stats.swap_ins += 1
+        self.stats.swap_in_bytes += model.nbytes
+        res = Residency(model, region, module, gates, in_use=1)
+        self.resident[model.name] = res
+        return res
+
+    def _bind(self, model: HostModel, offset: int) -> tuple[nn.Module, Gates]:
+        cached = self._bound.get(model.name)
+        if cached is not None and cached[0] is model and cached[1] == offset:
+            self._bound.move_to_end(model.name)
+            return cached[2], cached[3]
+        module = model.instantiate(self.device.weights[offset:offset + model.nbytes])
+        gates = Gates(module, model.layout.first_use_end)
+        self._bound[model.name] = (model, offset, module, gates)
+        while len(self._bound) > BOUND_CACHE:
+            self._bound.popitem(last=False)
+        return module, gates
+
+    def _evict(self, name: str) -> None:
+        self.resident.pop(name)
+        self.arena.free(name)
+        self.stats.evictions += 1
+
+    def release(self, res: Residency) -> None:
+        """Ends one request's use of ``res``; waiting requests may now evict it."""
+        with self._cond:
+            res.in_use -= 1
+            res.last_used = time.monotonic()
+            self._cond.notify_all()
+
+    def evict(self, name: str) -> bool:
+        """Evicts ``name`` if resident and idle; returns whether it was evicted."""
+        with self._cond:
+            res = self.resident.get(name)
+            if res is None or res.in_use:
+                return False
+            self._evict(name)
+            self._cond.notify_all()
+            return True
+
+    def forget(self, name: str) -> None:
+        """Drops every trace of ``name`` (unregistered): evicts it when idle, forgets its home."""
+        self.evict(name)
+        with self._cond:
+            self._bound.pop(name, None)
+            self._homes.pop(name, None)
+
+    def run(self, res: Residency, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Runs the resident model on CPU ``inputs``; returns its outputs as CPU tensors.
+
+        Raises:
+            DeviceFault: the device failed (the executor is then marked unhealthy).
+            Exception: whatever the model raises for these inputs.
+        """
+        with self._run_lock:
+            try:
+                with torch.inference_mode(), self.device.computing():
+                    args = [t.to(self.device.torch_device, non_blocking=True) for t in inputs]
+                    outputs = [o.to("cpu") for o in flatten(res.module(*args))]
+                    self.device.synchronize()
+            except torch.AcceleratorError as exc:
+                self.healthy = False
+                self.fault = f"{type(exc).__name__}: {exc}"
+                raise DeviceFault(f"device {self.device.index} failed: {self.fault}") from exc
+            finally:
+                res.gates.settle()
+            self.stats.runs += 1
+        return outputs
+
+    def snapshot(self) -> dict:
+        """Device state for stats, Redis and scheduling (JSON-serialisable)."""
+        with self._cond:
+            return {
+                "device": self.device.index, "name": self.device.name, "kind": self.device.torch_device.type,
+                "healthy": self.healthy, "fault": self.fault,
+                "arena_bytes": self.arena.capacity, "used_bytes": self.arena.used, "queue": self.queued,
+                "resident": {n: {"bytes": r.model.nbytes, "in_use": r.in_use, "offset": r.region.offset}
+                             for n, r in self.resident.items()},
+                "swap_ins": self.stats.swap_ins, "swap_in_bytes": self.stats.swap_in_bytes,
+                "evictions": self.stats.evictions, "runs": self.stats.runs,
+            }

@@ -1,0 +1,175 @@
+"""Execution-order layout of a model's weights in one flat host buffer.
+
+One traced forward pass records the order in which each weight (parameter or buffer) is
+first touched by an operator, and which module was running at that moment. Weights are then
+packed in that order, each at an ``ALIGNMENT``-byte boundary, so a prefix of the buffer is
+exactly what the first layers need and a copy can be cut into groups that gate the layers
+one after another (PipeSwitch, Bai et al., OSDI '20; Torpor, Yu et al., ATC '25 §4).
+Tied weights (two names, one storage view) are stored once.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+ALIGNMENT = 256  # bytes; CUDA kernels need at most 256-byte aligned operands
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One stored tensor: ``nbytes`` bytes at ``offset`` of the flat buffer.
+
+    ``names`` holds every module attribute path (``layer1.0.conv1.weight``) that shares it.
+    """
+
+    names: tuple[str, ...]
+    offset: int
+    nbytes: int
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class Layout:
+    """Where each weight lives in the flat buffer, and which module first needs which bytes.
+
+    Attributes:
+        slots: stored tensors in first-use order.
+        total_bytes: buffer size in bytes (a multiple of ``ALIGNMENT``).
+        first_use_end: module path → end offset (bytes) of the last weight that module's own
+            operators touch first; a module may run once the buffer is present up to there.
+        traced: whether the order came from a forward pass (False: state-dict order).
+    """
+
+    slots: list[Slot]
+    total_bytes: int
+    first_use_end: dict[str, int] = field(default_factory=dict)
+    traced: bool = True
+
+    def slot_of(self) -> dict[str, Slot]:
+        """Weight name → its slot (tied names map to one slot)."""
+        return {n: s for s in self.slots for n in s.names}
+
+
+def _align(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def _key(t: torch.Tensor) -> tuple:
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype)
+
+
+class _FirstUse(TorchDispatchMode):
+    """Records, per storage pointer, the order of first use and the module then running."""
+
+    def __init__(self, storages: dict[int, list[str]], module_stack: list[str]):
+        super().__init__()
+        self.storages = storages
+        self.stack = module_stack
+        self.order: list[tuple[int, str]] = []
+        self.seen: set[int] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for a in tree_flatten((args, kwargs or {}))[0]:
+            if isinstance(a, torch.Tensor) and a.device.type != "meta":
+                ptr = a.untyped_storage().data_ptr()
+                if ptr in self.storages and ptr not in self.seen:
+                    self.seen.add(ptr)
+                    self.order.append((ptr, self.stack[-1]))
+        return func(*args, **(kwargs or {}))
+
+
+def named_weights(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer (persistent or not) by attribute path, tied ones included."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, mod in module.named_modules(remove_duplicate=False):
+        for name, t in list(mod._parameters.items()) + list(mod._buffers.items()):
+            if t is not None:
+                out[f"{prefix}.{name}" if prefix else name] = t
+    return out
+
+
+def trace_layout(module: nn.Module, example_inputs: tuple[torch.Tensor, ...] | None) -> Layout:
+    """Packs ``module``'s weights in first-use order, running ``module(*example_inputs)`` once.
+
+    Args:
+        module: a CPU module in eval mode.
+        example_inputs: CPU tensors for one forward pass; ``None`` keeps state-dict order.
+
+    Raises:
+        whatever the forward pass raises on ``example_inputs`` (wrong shapes, dtypes).
+    """
+    weights = named_weights(module)
+    by_view: dict[tuple, list[str]] = {}
+    for name, t in weights.items():
+        by_view.setdefault(_key(t), []).append(name)
+    storages: dict[int, list[str]] = {}
+    for names in by_view.values():
+        storages.setdefault(weights[names[0]].untyped_storage().data_ptr(), []).extend(names)
+
+    order: list[tuple[int, str]] = []
+    traced = example_inputs is not None
+    if traced:
+        stack = [""]
+        paths = {m: p for p, m in module.named_modules()}
+        handles = []
+        def leave(_module, _args, _output) -> None:
+            stack.pop()
+
+        for mod, path in paths.items():
+            handles.append(mod.register_forward_pre_hook(lambda m, a, p=path: stack.append(p)))
+            handles.append(mod.register_forward_hook(leave))
+        mode = _FirstUse(storages, stack)
+        try:
+            with torch.no_grad(), mode:
+                module(*example_inputs)
+        finally:
+            for h in handles:
+                h.remove()
+        order = mode.order
+
+    first_user = {ptr: path for ptr, path in order}
+    ranked = [ptr for ptr, _ in order] + [p for p in storages if p not in first_user]
+    slots: list[Slot] = []
+    first_use_end: dict[str, int] = {}
+    offset = 0
+    for ptr in ranked:
+        for names in by_view.values():
+            t = weights[names[0]]
+            if t.untyped_storage().data_ptr() != ptr:
+                continue
+            nbytes = t.numel() * t.element_size()
+            slots.append(Slot(tuple(names), offset, nbytes, tuple(t.shape), t.dtype))
+            offset = _align(offset + nbytes)
+            if ptr in first_user:
+                path = first_user[ptr]
+                first_use_end[path] = max(first_use_end.get(path, 0), offset)
+    return Layout(slots, max(offset, ALIGNMENT), first_use_end, traced)
+
+
+def pack(module: nn.Module, layout: Layout, buffer: torch.Tensor) -> None:
+    """Copies ``module``'s weights into the flat uint8 ``buffer`` (``layout.total_bytes`` long)."""
+    weights = named_weights(module)
+    for slot in layout.slots:
+        src = weights[slot.names[0]].contiguous().view(-1).view(torch.uint8)
+        buffer[slot.offset:slot.offset + slot.nbytes].copy_(src)
+
+
+def bind(module: nn.Module, layout: Layout, buffer: torch.Tensor) -> None:
+    """Points every weight of ``module`` at its bytes in the flat uint8 ``buffer`` (no copy).
+
+    ``buffer`` may live on any device; tied names get the same view.
+    """
+    for slot in layout.slots:
+        view = buffer[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+        for name in slot.names:
+            owner_path, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_path) if owner_path else module
+            if attr in owner._parameters:
+                owner._parameters[attr] = nn.Parameter(view, requires_grad=False)
+            else:
+                owner._buffers[attr] = view

@@ -1,0 +1,269 @@
+"""The GPU server process: serves the protocol of docs/gpu-server-protocol.md on a Unix
+socket, one thread per connection, and publishes its devices' state to Redis."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socketserver
+import threading
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+import torch
+
+from runtime.gpu_server import protocol
+from runtime.gpu_server.config import GPUServerSettings
+from runtime.gpu_server.device import discover
+from runtime.gpu_server.executor import DeviceFault, NoRoom
+from runtime.gpu_server.node import NoHealthyDevice, Node
+from runtime.gpu_server.repository import ModelLoadError, Repository
+from runtime.gpu_server.store import ModelStore
+from runtime.settings import from_kwargs, options
+
+log = logging.getLogger("torpor.gpu_server")
+
+
+class RequestError(Exception):
+    """A request the server refuses; ``status`` and ``code`` go back to the caller."""
+
+    def __init__(self, status: int, code: str, message: str):
+        super().__init__(message)
+        self.status, self.code = status, code
+
+
+def validate(spec_inputs, arrays: list[np.ndarray], model: str) -> None:
+    """Checks count, dtype, shape (``None`` dims are free) and finiteness of ``arrays``.
+
+    Raises:
+        RequestError: 400 naming the first problem.
+    """
+    if len(arrays) != len(spec_inputs):
+        raise RequestError(400, "bad_input", f"model {model} takes {len(spec_inputs)} inputs "
+                           f"({', '.join(i.name for i in spec_inputs)}), got {len(arrays)}")
+    for spec, a in zip(spec_inputs, arrays):
+        if a.dtype.name != spec.dtype:
+            raise RequestError(400, "bad_input", f"input {spec.name} of model {model} must be {spec.dtype}, got {a.dtype.name}")
+        if len(a.shape) != len(spec.shape) or any(d is not None and d != s for d, s in zip(spec.shape, a.shape)) \
+                or any(s == 0 for s in a.shape):
+            want = "x".join("?" if d is None else str(d) for d in spec.shape)
+            raise RequestError(400, "bad_input", f"input {spec.name} of model {model} must have shape {want}, got "
+                               f"{'x'.join(map(str, a.shape))}")
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            raise RequestError(400, "bad_input", f"input {spec.name} of model {model} contains NaN or infinity")
+
+
+class Service:
+    """Turns protocol requests into calls on the :class:`Node`."""
+
+    def __init__(self, node: Node, settings: GPUServerSettings):
+        self.node = node
+        self.settings = settings
+
+    def handle(self, header: dict, payload: bytes, attached: dict) -> tuple[dict, bytes]:
+        op = header.get("op")
+        handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
+        if handler is None:
+            raise RequestError(400, "bad_request", f"unknown op {op!r}")
+        return handler(header, attached)
+
+    def _model_name(self, header: dict) -> str:
+        name = header.get("model")
+        if not isinstance(name, str) or not name:
+            raise RequestError(400, "bad_request", "field 'model' must be a non-empty string")
+        return name
+
+    def _hint(self, header: dict) -> int | None:
+        hint = header.get("device")
+        if hint is not None and not isinstance(hint, int):
+            raise RequestError(400, "bad_request", "field 'device' must be an integer")
+        return hint
+
+    def _load(self, name: str):
+        try:
+            return self.node.store.get(name)
+        except KeyError:
+            raise RequestError(404, "unknown_model", f"unknown model {name!r}") from None
+        except ModelLoadError as exc:
+            raise RequestError(502, "model_load_failed", str(exc)) from None
+
+    def op_infer(self, header: dict, attached: dict) -> tuple[dict, bytes]:
+        name = self._model_name(header)
+        model = self._load(name)
+        shm_name = header.get("shm")
+        if not isinstance(shm_name, str):
+            raise RequestError(400, "bad_request", "field 'shm' must name a shared-memory segment")
+        entries = header.get("inputs")
+        if not isinstance(entries, list):
+            raise RequestError(400, "bad_request", "field 'inputs' must be a list of tensor descriptions")
+        total = sum(int(e.get("nbytes", 0)) for e in entries if isinstance(e, dict))
+        if total > self.settings.max_input_bytes:
+            raise RequestError(413, "too_large", f"inputs of {total} bytes exceed the limit of {self.settings.max_input_bytes} bytes")
+        shm = attached.get(shm_name)
+        if shm is None:
+            try:
+                shm = protocol.attach(shm_name)
+            except (FileNotFoundError, ValueError, OSError) as exc:
+                raise RequestError(400, "bad_request", f"cannot open shared memory {shm_name!r}: {exc}") from None
+            for old in attached.values():
+                old.close()
+            attached.clear()
+            attached[shm_name] = shm
+        try:
+            arrays = protocol.read(shm.buf, entries, copy=False)
+        except protocol.ProtocolError as exc:
+            raise RequestError(400, "bad_input", str(exc)) from None
+        validate(model.spec.inputs, arrays, name)
+        timeout_s = min(self.settings.room_timeout_s, header.get("timeout_ms", 1e9) / 1000)
+        started = time.perf_counter()
+        try:
+            outputs, info = self.node.infer(name, [torch.from_numpy(a) for a in arrays], self._hint(header), timeout_s)
+        except NoRoom as exc:
+            raise RequestError(503, "no_room", str(exc)) from None
+        except (NoHealthyDevice, DeviceFault) as exc:
+            raise RequestError(500, "device_fault", str(exc)) from None
+        except (IndexError, ValueError) as exc:
+            raise RequestError(400, "bad_input", f"model {name} rejected its input: {exc}") from None
+        arrays_out = [o.numpy() for o in outputs]
+        start = max(e["offset"] + e["nbytes"] for e in entries) if entries else 0
+        out_entries, end = protocol.describe(arrays_out, start)
+        reply = {"ok": True, "outputs": out_entries, "device": info["device"], "swap_in": info["swap_in"],
+                 "server_ms": (time.perf_counter() - started) * 1e3}
+        if end <= shm.size:
+            protocol.write(shm.buf, out_entries, arrays_out)
+            return reply, b""
+        out_entries, end = protocol.describe(arrays_out, 0)
+        blob = bytearray(end)
+        protocol.write(memoryview(blob), out_entries, arrays_out)
+        reply["outputs"] = out_entries
+        return reply, bytes(blob)
+
+    def op_prefetch(self, header: dict, attached: dict) -> tuple[dict, bytes]:
+        name = self._model_name(header)
+        self._load(name)
+        try:
+            return {"ok": True, "device": self.node.prefetch(name, self._hint(header), self.settings.room_timeout_s)}, b""
+        except NoRoom as exc:
+            raise RequestError(503, "no_room", str(exc)) from None
+        except NoHealthyDevice as exc:
+            raise RequestError(500, "device_fault", str(exc)) from None
+
+    def op_register(self, header: dict, attached: dict) -> tuple[dict, bytes]:
+        name = self._model_name(header)
+        self.node.forget(name)
+        model = self._load(name)
+        return {"ok": True, "model": name, "bytes": model.nbytes}, b""
+
+    def op_unregister(self, header: dict, attached: dict) -> tuple[dict, bytes]:
+        self.node.forget(self._model_name(header))
+        return {"ok": True}, b""
+
+    def op_evict(self, header: dict, attached: dict) -> tuple[dict, bytes]:
+        name = self._model_name(header)
+        return {"ok": True, "devices": [e.device.index for e in self.node.executors if e.evict(name)]}, b""
+
+    def op_stats(self, header: dict, attached: dict) -> tuple[dict, bytes]:
+        return {"ok": True, "models": self.node.store.loaded(), "devices": [e.snapshot() for e in self.node.executors]}, b""
+
+    def op_health(self, header: dict, attached: dict) -> tuple[dict, bytes]:
+        devices = [{"device": e.device.index, "healthy": e.healthy, "fault": e.fault} for e in self.node.executors]
+        return {"ok": True, "healthy": all(d["healthy"] for d in devices), "devices": devices}, b""
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    def handle(self) -> None:
+        service: Service = self.server.service  # type: ignore[attr-defined]
+        attached: dict = {}
+        try:
+            while True:
+                try:
+                    header, payload = protocol.recv(self.request, service.settings.max_input_bytes)
+                except (ConnectionError, OSError):
+                    return
+                except protocol.ProtocolError as exc:
+                    protocol.send(self.request, {"ok": False, "status": 400, "code": "bad_request", "error": str(exc)})
+                    return
+                try:
+                    reply, data = service.handle(header, payload, attached)
+                except RequestError as exc:
+                    reply, data = {"ok": False, "status": exc.status, "code": exc.code, "error": str(exc)}, b""
+                except Exception as exc:  # a bug or a model fault must not kill the connection thread silently
+                    log.exception("request %s failed", header.get("op"))
+                    reply, data = {"ok": False, "status": 500, "code": "internal", "error": f"{type(exc).__name__}: {exc}"}, b""
+                protocol.send(self.request, reply, data)
+        finally:
+            for shm in attached.values():
+                shm.close()
+
+
+class Server(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, path: str, service: Service, mode: int):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)
+        super().__init__(path, _Handler)
+        os.chmod(path, mode)
+        self.service = service
+
+
+def publish(node: Node, settings: GPUServerSettings, stop: threading.Event) -> None:
+    """Writes each device's state to ``torpor:node:{id}:device:{k}`` until ``stop`` is set."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    while not stop.is_set():
+        try:
+            pipe = client.pipeline()
+            snaps = [e.snapshot() for e in node.executors]
+            for s in snaps:
+                pipe.hset(f"torpor:node:{settings.node_id}:device:{s['device']}", mapping={
+                    "resident": json.dumps(sorted(s["resident"])), "arena_bytes": s["arena_bytes"],
+                    "used_bytes": s["used_bytes"], "queue": s["queue"], "healthy": int(s["healthy"]),
+                    "kind": s["kind"], "name": s["name"], "swap_ins": s["swap_ins"], "evictions": s["evictions"]})
+            pipe.hset(f"torpor:node:{settings.node_id}", "devices", json.dumps(
+                [{"device": s["device"], "name": s["name"], "kind": s["kind"], "arena_bytes": s["arena_bytes"]} for s in snaps]))
+            pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("cannot publish device state: %s", exc)
+        stop.wait(settings.publish_interval_s)
+
+
+def serve(settings: GPUServerSettings) -> None:
+    """Runs the GPU server until SIGTERM/SIGINT."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    devices = discover(settings.cpu_devices, settings.device_memory, settings.arena_bytes)
+    store = ModelStore(Repository(settings.model_repo), pin=any(d.is_cuda for d in devices))
+    node = Node(store, devices, settings.group_bytes)
+    server = Server(settings.socket, Service(node, settings), int(settings.socket_mode, 8))
+    stop = threading.Event()
+    if settings.redis_url:
+        threading.Thread(target=publish, args=(node, settings, stop), daemon=True).start()
+
+    def shutdown(*_):
+        stop.set()
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    signal.signal(signal.SIGTERM, shutdown)
+    signal.signal(signal.SIGINT, shutdown)
+    log.info("serving %d device(s) on %s: %s", len(devices), settings.socket,
+             ", ".join(f"{d.index}:{d.name} arena {d.arena_bytes / 2**20:.0f} MiB" for d in devices))
+    try:
+        server.serve_forever(poll_interval=0.2)
+    finally:
+        server.server_close()
+        if os.path.exists(settings.socket):
+            os.unlink(settings.socket)
+
+
+@click.command("gpu-server")
+@options(GPUServerSettings)
+def command(**kwargs) -> None:
+    """Run the node's GPU server (the only process that touches CUDA)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s gpu-server %(levelname)s %(message)s")
+    serve(from_kwargs(GPUServerSettings, kwargs))

@@ -1,0 +1,121 @@
+"""The host model store: every registered model's weights once per node, in host memory
+(page-locked when CUDA is present, so copies run at full link speed), laid out in
+execution order (layout.py)."""
+from __future__ import annotations
+
+import copy
+import threading
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from runtime.gpu_server.layout import Layout, bind, pack, trace_layout
+from runtime.gpu_server.repository import ModelLoadError, ModelSpec, Repository, build
+
+
+@dataclass
+class HostModel:
+    """A registered model: its flat weight buffer and a weightless template to run it.
+
+    Attributes:
+        spec: the repository description.
+        layout: where each weight sits in ``buffer``.
+        buffer: uint8 tensor of ``layout.total_bytes`` bytes on the CPU (pinned under CUDA).
+        template: the module with every weight on the ``meta`` device; executors copy it and
+            bind the copy to the model's bytes on their device.
+    """
+
+    spec: ModelSpec
+    layout: Layout
+    buffer: torch.Tensor
+    template: nn.Module
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def nbytes(self) -> int:
+        return self.layout.total_bytes
+
+    def instantiate(self, weights: torch.Tensor) -> nn.Module:
+        """A runnable module whose weights are views of the flat uint8 ``weights``."""
+        module = copy.deepcopy(self.template)
+        bind(module, self.layout, weights)
+        return module
+
+
+def load(spec: ModelSpec, pin: bool) -> HostModel:
+    """Builds ``spec``, traces its first-use order and packs it into one host buffer.
+
+    Raises:
+        ModelLoadError: it does not build, load or run on its declared inputs.
+    """
+    module = build(spec)
+    try:
+        layout = trace_layout(module, tuple(i.example() for i in spec.inputs))
+    except Exception as exc:  # the forward pass can raise anything; it means the inputs do not fit
+        raise ModelLoadError(f"model {spec.name} does not run on its declared inputs: {type(exc).__name__}: {exc}") from exc
+    buffer = torch.empty(layout.total_bytes, dtype=torch.uint8, pin_memory=pin)
+    pack(module, layout, buffer)
+    template = module.to("meta")
+    return HostModel(spec, layout, buffer, template)
+
+
+class ModelStore:
+    """Registered models by name, loaded from a :class:`Repository` on first use.
+
+    A model that failed to load stays failed (each call raises the same error at once) until
+    it is registered again with other files. Loads of one model are serialised: concurrent
+    first requests load it once.
+
+    Args:
+        repository: where model folders live.
+        pin: page-lock the host buffers (True when CUDA devices are served).
+    """
+
+    def __init__(self, repository: Repository, pin: bool):
+        self.repository = repository
+        self.pin = pin
+        self._models: dict[str, HostModel] = {}
+        self._failed: dict[str, tuple[str, ModelLoadError]] = {}
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def get(self, name: str) -> HostModel:
+        """The loaded model ``name``, loading it if needed.
+
+        Raises:
+            KeyError: not in the repository.
+            ModelLoadError: it does not load (cached until its files change).
+        """
+        model = self._models.get(name)
+        if model is not None:
+            return model
+        with self._guard:
+            lock = self._locks.setdefault(name, threading.Lock())
+        with lock:
+            model = self._models.get(name)
+            if model is not None:
+                return model
+            spec = self.repository.spec(name)
+            failed = self._failed.get(name)
+            if failed and failed[0] == spec.digest:
+                raise failed[1]
+            try:
+                model = load(spec, self.pin)
+            except ModelLoadError as exc:
+                self._failed[name] = (spec.digest, exc)
+                raise
+            self._failed.pop(name, None)
+            self._models[name] = model
+            return model
+
+    def loaded(self) -> list[str]:
+        return sorted(self._models)
+
+    def drop(self, name: str) -> HostModel | None:
+        """Forgets ``name`` (its host memory goes with the last reference)."""
+        self._failed.pop(name, None)
+        return self._models.pop(name, None)
