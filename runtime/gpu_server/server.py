@@ -237,6 +237,9 @@ def serve(settings: GPUServerSettings) -> None:
     """Runs the GPU server until SIGTERM/SIGINT."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    # full fp32: served outputs must equal native fp32 execution, which TF32 would not
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
     devices = discover(settings.cpu_devices, settings.device_memory, settings.arena_bytes)
     store = ModelStore(Repository(settings.model_repo), pin=any(d.is_cuda for d in devices))
     node = Node(store, devices, settings.group_bytes)

@@ -8,6 +8,7 @@ Weights are never created here for serving: the repository loads them from safet
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Callable
 
 import torch
@@ -91,6 +92,9 @@ for _name in ("resnet50", "resnet101", "resnet152", "densenet169", "densenet201"
     ARCHITECTURES["tv-" + _name] = _torchvision(_name)
 
 
+_BUILD_LOCK = threading.Lock()
+
+
 def build(architecture: str, config: dict[str, Any] | None = None) -> nn.Module:
     """Builds ``architecture`` with ``config`` in eval mode on the CPU (random weights).
 
@@ -103,5 +107,7 @@ def build(architecture: str, config: dict[str, Any] | None = None) -> nn.Module:
         builder = ARCHITECTURES[architecture]
     except KeyError:
         raise KeyError(f"unknown architecture {architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
-    module = builder(dict(config or {}))
+    # transformers resolves its classes lazily, and that import is not safe from several threads
+    with _BUILD_LOCK:
+        module = builder(dict(config or {}))
     return module.eval().requires_grad_(False)
