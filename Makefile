@@ -29,8 +29,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
-	$(if $(TORCH_SPEC),$(BIN)/pip install -q $(PIP_FLAGS) "$(TORCH_SPEC)",)
-	$(BIN)/pip install -q $(PIP_FLAGS) -e ".$(EXTRAS)"
+	$(if $(TORCH_SPEC),$(BIN)/python -m pip install -q $(PIP_FLAGS) "$(TORCH_SPEC)",)
+	$(BIN)/python -m pip install -q $(PIP_FLAGS) -e ".$(EXTRAS)"
 	touch $@
 
 # redis-server: on PATH, or unpacked under .device/redis by `make device-bundle`, or installed

@@ -42,18 +42,18 @@ class DemoModel:
 
 IMAGE = [TensorSpec("pixel_values", "float32", [1, 3, 64, 64])]
 TOKENS = [TensorSpec("input_ids", "int64", [1, 32])]
+# sizes chosen so that a 2-core CPU runs each in a few ms; the architectures are the real ones
 MODELS = [
-    DemoModel("resnet-s", "resnet", {"embedding_size": 32, "hidden_sizes": [64, 128, 256, 512], "depths": [2, 2, 2, 2],
+    DemoModel("resnet-s", "resnet", {"embedding_size": 32, "hidden_sizes": [32, 64, 128, 256], "depths": [1, 1, 1, 1],
                                      "layer_type": "basic", "num_labels": 1000}, IMAGE, 1),
-    DemoModel("resnet-m", "resnet", {"embedding_size": 32, "hidden_sizes": [64, 128, 256, 512], "depths": [3, 4, 6, 3],
+    DemoModel("resnet-m", "resnet", {"embedding_size": 32, "hidden_sizes": [64, 128, 256, 512], "depths": [2, 2, 2, 2],
                                      "layer_type": "basic", "num_labels": 1000}, IMAGE, 2),
-    DemoModel("vit-s", "vit", {"image_size": 64, "patch_size": 8, "hidden_size": 256, "num_hidden_layers": 6,
-                               "num_attention_heads": 4, "intermediate_size": 1024, "num_labels": 1000}, IMAGE, 3),
-    DemoModel("efficientnet-s", "efficientnet", {"image_size": 64, "depth_coefficient": 0.5,
-                                                 "num_labels": 1000}, IMAGE, 4),
+    DemoModel("vit-s", "vit", {"image_size": 64, "patch_size": 8, "hidden_size": 192, "num_hidden_layers": 4,
+                               "num_attention_heads": 4, "intermediate_size": 768, "num_labels": 1000}, IMAGE, 3),
     DemoModel("bert-qa-s", "bert-qa", {"hidden_size": 256, "num_hidden_layers": 4, "num_attention_heads": 4,
                                        "intermediate_size": 1024, "vocab_size": 30522}, TOKENS, 5),
-    DemoModel("gpt2-s", "gpt2", {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab_size": 8192, "n_positions": 128}, TOKENS, 6),
+    DemoModel("gpt2-s", "gpt2", {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab_size": 8192, "n_positions": 128,
+                                 "bos_token_id": 0, "eos_token_id": 0}, TOKENS, 6),
 ]
 MINILM = "minilm"
 

@@ -34,7 +34,7 @@ class UpSettings:
     device_memory: int = setting(0, "TORPOR_DEVICE_MEMORY", "weight arena per device (0: demo sizes it below the models' total)", "bytes")
     functions: int = setting(12, "TORPOR_DEMO_FUNCTIONS", "functions the demo deploys")
     minutes: int = setting(10, "TORPOR_DEMO_MINUTES", "trace minutes the demo replays")
-    speedup: float = setting(10.0, "TORPOR_DEMO_SPEEDUP", "trace time compression of the demo replay")
+    speedup: float = setting(5.0, "TORPOR_DEMO_SPEEDUP", "trace time compression of the demo replay")
     seed: int = setting(0, "TORPOR_DEMO_SEED", "seed of the demo's trace sampling")
 
 
@@ -179,7 +179,7 @@ def run_demo(settings: UpSettings) -> dict:
     n_devices = gpus or cpu_devices
     # every device must hold the largest model, all devices together less than all models
     largest = max(s.bytes for s in specs) + (4 << 20)
-    device_memory = settings.device_memory or max(largest, int(0.6 * total / n_devices)) + (2 << 20)
+    device_memory = settings.device_memory or max(largest, int(0.75 * total / n_devices)) + (2 << 20)
     functions = demo.functions(settings.functions, with_minilm=any(s.name == demo.MINILM for s in specs))
     reference = demo.NativeReference(repo)
     with Stack(settings, cpu_devices, device_memory) as stack:

@@ -99,7 +99,8 @@ class Service:
         entries = header.get("inputs")
         if not isinstance(entries, list):
             raise RequestError(400, "bad_request", "field 'inputs' must be a list of tensor descriptions")
-        total = sum(int(e.get("nbytes", 0)) for e in entries if isinstance(e, dict))
+        # malformed descriptions are refused with their reason by protocol.read below
+        total = sum(e["nbytes"] for e in entries if isinstance(e, dict) and isinstance(e.get("nbytes"), int))
         if total > self.settings.max_input_bytes:
             raise RequestError(413, "too_large", f"inputs of {total} bytes exceed the limit of {self.settings.max_input_bytes} bytes")
         shm = attached.get(shm_name)
@@ -117,7 +118,10 @@ class Service:
         except protocol.ProtocolError as exc:
             raise RequestError(400, "bad_input", str(exc)) from None
         validate(model.spec.inputs, arrays, name)
-        timeout_s = min(self.settings.room_timeout_s, header.get("timeout_ms", 1e9) / 1000)
+        timeout_ms = header.get("timeout_ms", 1e9)
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)) or timeout_ms < 0:
+            raise RequestError(400, "bad_request", "field 'timeout_ms' must be a non-negative number")
+        timeout_s = min(self.settings.room_timeout_s, timeout_ms / 1000)
         started = time.perf_counter()
         try:
             outputs, info = self.node.infer(name, [torch.from_numpy(a) for a in arrays], self._hint(header), timeout_s)
@@ -128,7 +132,7 @@ class Service:
         except (IndexError, ValueError) as exc:
             raise RequestError(400, "bad_input", f"model {name} rejected its input: {exc}") from None
         arrays_out = [o.numpy() for o in outputs]
-        start = max(e["offset"] + e["nbytes"] for e in entries) if entries else 0
+        start = max(int(e["offset"]) + int(e["nbytes"]) for e in entries) if entries else 0
         out_entries, end = protocol.describe(arrays_out, start)
         reply = {"ok": True, "outputs": out_entries, "device": info["device"], "swap_in": info["swap_in"],
                  "server_ms": (time.perf_counter() - started) * 1e3}

@@ -1,0 +1,599 @@
+"""The GPU server on CPU devices: executors and node in-process (swap-in, eviction, models in
+use, prefetch, concurrent cold starts, device choice, re-registration), the model repository's
+validation, and the real server process over its Unix socket with runtime.client. Every
+served output is compared bitwise with native execution of the same weights."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from multiprocessing import shared_memory
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import models
+from runtime.client import DEFAULT_SHM_BYTES, GPUServerClient, Model, ModelError
+from runtime.gpu_server import protocol
+from runtime.gpu_server.arena import ALIGNMENT as REGION
+from runtime.gpu_server.device import discover
+from runtime.gpu_server.executor import NoRoom
+from runtime.gpu_server.node import Node
+from runtime.gpu_server.repository import ModelLoadError, Repository
+from runtime.gpu_server.store import ModelStore
+
+GROUP_BYTES = 1024  # several copy groups even for a tiny model
+
+
+@pytest.fixture
+def repo(tmp_path) -> Repository:
+    return Repository(tmp_path / "models")
+
+
+def make_node(repo: Repository, devices: int, regions: int) -> Node:
+    """A node of ``devices`` CPU devices whose arenas hold ``regions`` tiny models each."""
+    return Node(ModelStore(repo, pin=False), discover(cpu_devices=devices, device_memory=regions * REGION, arena_bytes=0),
+                GROUP_BYTES)
+
+
+def served(node: Node, name: str, kind: str, module, seed: int = 0, hint: int | None = None,
+           timeout_s: float = 5.0) -> dict:
+    """Runs ``name`` on the node, checks the outputs against ``module`` run natively, returns
+    the call's info."""
+    arrays = models.inputs(kind, seed)
+    outputs, info = node.infer(name, [torch.from_numpy(a) for a in arrays], hint, timeout_s)
+    models.assert_same([o.numpy() for o in outputs], models.native(module, arrays))
+    return info
+
+
+def swap_ins(node: Node) -> int:
+    return sum(e.stats.swap_ins for e in node.executors)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    with models.torch_threads(1):
+        yield
+
+
+# ---------------------------------------------------------------- executor and node
+
+
+@pytest.mark.parametrize("kind", models.SMALL)
+def test_swap_in_then_warm_run(repo, kind):
+    module = models.register(repo, "m", kind, seed=3)
+    node = make_node(repo, devices=1, regions=2)
+    ex = node.executors[0]
+    assert served(node, "m", kind, module, seed=1) == {"device": 0, "swap_in": True}
+    assert ex.stats.swap_in_bytes == node.store.get("m").nbytes
+    assert served(node, "m", kind, module, seed=2) == {"device": 0, "swap_in": False}
+    assert (ex.stats.swap_ins, ex.stats.runs, ex.stats.evictions) == (1, 2, 0)
+    snap = ex.snapshot()
+    assert snap["used_bytes"] == REGION and snap["resident"]["m"]["in_use"] == 0
+
+
+def test_eviction_under_a_budget_smaller_than_the_models(repo):
+    kinds = {"a": "resnet", "b": "gpt2", "c": "vit"}
+    natives = {n: models.register(repo, n, k) for n, k in kinds.items()}
+    node = make_node(repo, devices=1, regions=2)
+    ex = node.executors[0]
+    for round_ in range(2):
+        for name, kind in kinds.items():
+            assert served(node, name, kind, natives[name], seed=round_)["swap_in"]
+            assert len(ex.resident) <= 2 and ex.arena.used <= ex.arena.capacity
+            assert ex.is_resident(name)
+    # LRU: each call evicts the model used longest ago, which is the next one needed
+    assert (ex.stats.swap_ins, ex.stats.evictions) == (6, 4)
+    assert sorted(ex.resident) == ["b", "c"]
+
+
+def test_a_model_in_use_is_never_evicted(repo):
+    natives = {"a": models.register(repo, "a", "resnet"), "b": models.register(repo, "b", "vit")}
+    node = make_node(repo, devices=1, regions=1)
+    ex = node.executors[0]
+    held, swapped = ex.acquire(node.store.get("a"), timeout_s=1.0)
+    assert swapped and held.in_use == 1
+
+    started = time.monotonic()
+    with pytest.raises(NoRoom, match="in use"):
+        served(node, "b", "vit", natives["b"], timeout_s=0.3)
+    assert 0.3 <= time.monotonic() - started < 2.0
+    assert ex.is_resident("a") and not ex.is_resident("b")
+
+    result: dict = {}
+    waiter = threading.Thread(target=lambda: result.update(served(node, "b", "vit", natives["b"], timeout_s=10.0)))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive() and ex.is_resident("a")  # still waiting for the room
+    arrays = models.inputs("resnet")
+    models.assert_same([o.numpy() for o in ex.run(held, [torch.from_numpy(x) for x in arrays])],
+                       models.native(natives["a"], arrays))
+    ex.release(held)
+    waiter.join(5.0)
+    assert not waiter.is_alive() and result == {"device": 0, "swap_in": True}
+    assert sorted(ex.resident) == ["b"] and ex.stats.evictions == 1
+
+
+def test_a_model_larger_than_the_arena_gets_no_room_at_once(repo):
+    models.register(repo, "wide", "gpt2-wide")  # 2 MiB of weights plus a little: two regions
+    node = make_node(repo, devices=1, regions=1)
+    started = time.monotonic()
+    with pytest.raises(NoRoom, match="exceed"):
+        node.infer("wide", [torch.from_numpy(a) for a in models.inputs("gpt2-wide")], None, 10.0)
+    assert time.monotonic() - started < 1.0
+
+
+def test_prefetch_makes_the_next_call_warm(repo):
+    module = models.register(repo, "m", "sentence-embedding")
+    node = make_node(repo, devices=2, regions=1)
+    device = node.prefetch("m", None, 1.0)
+    res = node.executors[device].resident["m"]
+    assert res.in_use == 0
+    # the copy was issued group by group; the first run waits for each layer's group, then settles it
+    assert len(res.gates.swap.events) == -(-node.store.get("m").nbytes // GROUP_BYTES) > 1
+    assert served(node, "m", "sentence-embedding", module) == {"device": device, "swap_in": False}
+    assert res.gates.swap is None
+    assert swap_ins(node) == 1
+
+
+def test_concurrent_first_requests_swap_in_once(repo):
+    module = models.register(repo, "m", "resnet")
+    node = make_node(repo, devices=2, regions=2)
+    barrier = threading.Barrier(16)
+    infos, errors = [], []
+
+    def call(seed: int) -> None:
+        barrier.wait()
+        try:
+            infos.append(served(node, "m", "resnet", module, seed=seed))
+        except Exception as exc:  # collected: a thread's failure must fail the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(infos) == 16
+    assert swap_ins(node) == 1
+    assert sum(i["swap_in"] for i in infos) == 1
+    assert sum(e.stats.runs for e in node.executors) == 16
+
+
+def test_a_cold_model_lands_on_the_empty_device(repo):
+    kinds = {"a": "resnet", "b": "gpt2", "c": "vit", "d": "resnet", "cold": "sentence-embedding"}
+    natives = {n: models.register(repo, n, k, seed=i) for i, (n, k) in enumerate(kinds.items())}
+    node = make_node(repo, devices=3, regions=4)
+    for name, hint in (("a", 0), ("b", 0), ("c", 0), ("d", 1)):
+        assert served(node, name, kinds[name], natives[name], hint=hint)["device"] == hint
+    assert [len(e.resident) for e in node.executors] == [3, 1, 0]
+    assert served(node, "cold", kinds["cold"], natives["cold"]) == {"device": 2, "swap_in": True}
+    assert [e.stats.evictions for e in node.executors] == [0, 0, 0]
+
+
+def test_re_registering_changed_weights_serves_the_new_weights(repo):
+    old = models.register(repo, "m", "gpt2", seed=1)
+    node = make_node(repo, devices=1, regions=2)
+    served(node, "m", "gpt2", old)
+    new = models.register(repo, "m", "gpt2", seed=2)
+    arrays = models.inputs("gpt2")
+    assert not np.array_equal(models.native(old, arrays)[0], models.native(new, arrays)[0])
+    node.forget("m")  # what the server's register op does
+    assert served(node, "m", "gpt2", new) == {"device": 0, "swap_in": True}
+    assert served(node, "m", "gpt2", new)["swap_in"] is False
+
+
+# ---------------------------------------------------------------- repository validation
+
+
+def truncated(path: Path) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_register_refuses_a_truncated_file_and_leaves_nothing(repo, tmp_path):
+    weights = truncated(models.save(models.build("resnet"), tmp_path / "w.safetensors"))
+    with pytest.raises(ModelLoadError, match="does not load"):
+        repo.register(models.spec("m", "resnet"), weights)
+    assert list(repo.root.iterdir()) == []
+
+
+def test_register_refuses_shapes_that_do_not_fit_the_architecture(repo, tmp_path):
+    weights = models.save(models.build("vit", config={"hidden_size": 32, "intermediate_size": 64}), tmp_path / "w.safetensors")
+    with pytest.raises(ModelLoadError, match="does not load"):
+        repo.register(models.spec("m", "vit"), weights)
+    assert list(repo.root.iterdir()) == []
+
+
+def test_register_refuses_inputs_the_model_cannot_run_and_keeps_the_old_version(repo, tmp_path):
+    old = models.register(repo, "m", "resnet")
+    spec = models.spec("m", "resnet")
+    spec.inputs[0].shape = [1, 4, 32, 32]  # four channels into a three-channel stem
+    with pytest.raises(ModelLoadError, match="declared inputs"):
+        repo.register(spec, models.save(models.build("resnet", seed=5), tmp_path / "w.safetensors"))
+    assert repo.names() == ["m"] and sorted(p.name for p in repo.root.iterdir()) == ["m"]
+    node = make_node(repo, devices=1, regions=1)
+    served(node, "m", "resnet", old)
+
+
+# ---------------------------------------------------------------- the server process
+
+
+SERVER_REGIONS = 4  # per device: two CPU devices of 8 MiB
+MAX_INPUT_BYTES = 1 << 20
+
+
+def start_server(root: Path, repo: Repository) -> subprocess.Popen:
+    """``torpor gpu-server`` on two CPU devices serving ``repo`` on ``root/gpu.sock``
+    (``root`` must be short: a Unix socket path has at most 107 bytes)."""
+    sock = root / "gpu.sock"
+    with open(root / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [str(Path(sys.executable).parent / "torpor"), "gpu-server", "--cpu-devices", "2",
+             "--device-memory", str(SERVER_REGIONS * REGION), "--model-repo", str(repo.root), "--socket", str(sock),
+             "--max-input-bytes", str(MAX_INPUT_BYTES), "--torch-threads", "1"],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TORPOR_REDIS_URL": ""})
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"gpu-server exited: {(root / 'server.log').read_text()}")
+        if sock.exists():
+            probe = GPUServerClient(str(sock), timeout_s=5)
+            try:
+                probe.health()
+                return proc
+            except ModelError:
+                pass
+            finally:
+                probe.close()
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("gpu-server did not start within 60 s")
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Served:
+    """The server process of this module and the native modules of its models."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.repo = Repository(root / "models")
+        self.natives = {kind: models.register(self.repo, kind, kind) for kind in models.SMALL + ("gpt2-wide",)}
+        self.broken = self.repo.root / "broken"
+        self.broken.mkdir()
+        spec = models.spec("broken", "resnet")
+        spec.write(self.broken)
+        truncated(models.save(models.build("resnet"), self.broken / "model.safetensors"))
+        self.socket = str(root / "gpu.sock")
+        self.proc = start_server(root, self.repo)
+
+    def ensure_running(self) -> None:
+        """Restarts the server when a test stopped it (the shutdown test runs last)."""
+        if self.proc.poll() is not None:
+            self.proc = start_server(self.root, self.repo)
+
+    def client(self) -> GPUServerClient:
+        return GPUServerClient(self.socket, timeout_s=30)
+
+    def rss_bytes(self) -> int:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+        raise AssertionError("no VmRSS")
+
+
+@pytest.fixture(scope="module")
+def served_module():
+    root = Path(tempfile.mkdtemp(prefix="torpor-test-", dir="/tmp"))
+    s = Served(root)
+    yield s
+    stop_server(s.proc)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def server(served_module):
+    served_module.ensure_running()
+    return served_module
+
+
+@pytest.fixture
+def client(server):
+    c = server.client()
+    yield c
+    c.close()
+
+
+def raw_connection(path: str) -> socket.socket:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(10)
+    sock.connect(path)
+    return sock
+
+
+def reply_or_close(sock: socket.socket) -> dict | None:
+    """The server's next reply, or None when it closed the connection instead."""
+    try:
+        return protocol.recv(sock, 1 << 30)[0]
+    except ConnectionError:
+        return None
+
+
+@pytest.mark.parametrize("kind", models.SMALL)
+def test_served_outputs_equal_native(server, client, kind):
+    arrays = models.inputs(kind, seed=7)
+    want = models.native(server.natives[kind], arrays)
+    models.assert_same(client.infer(kind, arrays), want)
+    got = Model(kind, client)(*[torch.from_numpy(a) for a in arrays])  # CPU tensors are accepted too
+    models.assert_same(list(got) if isinstance(got, tuple) else [got], want)
+
+
+def test_socket_mode_health_and_stats(server, client):
+    assert stat.S_IMODE(os.stat(server.socket).st_mode) == 0o660
+    health = client.health()
+    assert health["healthy"] and [d["device"] for d in health["devices"]] == [0, 1]
+    client.infer("vit", models.inputs("vit"))
+    stats = client.stats()
+    assert "vit" in stats["models"]
+    assert [d["arena_bytes"] for d in stats["devices"]] == [SERVER_REGIONS * REGION] * 2
+    assert any("vit" in d["resident"] for d in stats["devices"])
+    assert all(d["kind"] == "cpu" and d["used_bytes"] <= d["arena_bytes"] for d in stats["devices"])
+
+
+def test_prefetch_then_infer_is_not_a_swap_in(server, client):
+    client.evict("gpt2")
+    before = sum(d["swap_ins"] for d in client.stats()["devices"])
+    device = client.prefetch("gpt2")
+    assert device in (0, 1)
+    arrays = models.inputs("gpt2", seed=3)
+    models.assert_same(client.infer("gpt2", arrays), models.native(server.natives["gpt2"], arrays))
+    devices = client.stats()["devices"]
+    assert sum(d["swap_ins"] for d in devices) == before + 1 and "gpt2" in devices[device]["resident"]
+
+
+@pytest.mark.parametrize("mutate, status, code, words", [
+    (lambda a: [a[0].astype(np.float64)], 400, "bad_input", ["pixel_values", "float32", "float64"]),
+    (lambda a: [a[0][:, :, :16, :16].copy()], 400, "bad_input", ["pixel_values", "shape 1x3x32x32", "1x3x16x16"]),
+    (lambda a: [a[0], a[0]], 400, "bad_input", ["takes 1 inputs", "got 2"]),
+    (lambda a: [], 400, "bad_input", ["takes 1 inputs", "got 0"]),
+    (lambda a: [np.where(np.arange(a[0].size).reshape(a[0].shape) == 5, np.nan, a[0]).astype(np.float32)],
+     400, "bad_input", ["pixel_values", "NaN"]),
+    (lambda a: [np.zeros((1, 3, 512, 512), np.float32)], 413, "too_large", ["exceed", str(MAX_INPUT_BYTES)]),
+], ids=["dtype", "shape", "too-many", "none", "nan", "too-large"])
+def test_bad_inputs_are_refused_with_400(server, client, mutate, status, code, words):
+    arrays = mutate(models.inputs("resnet"))
+    with pytest.raises(ModelError) as err:
+        client.infer("resnet", arrays)
+    assert (err.value.status, err.value.code) == (status, code)
+    for w in words:
+        assert w in str(err.value)
+    models.assert_same(client.infer("resnet", models.inputs("resnet")),  # the connection still serves
+                       models.native(server.natives["resnet"], models.inputs("resnet")))
+
+
+def test_token_ids_outside_the_vocabulary_are_a_400(client):
+    ids = np.full((1, 8), 1000, dtype=np.int64)
+    with pytest.raises(ModelError) as err:
+        client.infer("gpt2", [ids])
+    assert err.value.status == 400 and "rejected its input" in str(err.value)
+
+
+def test_unknown_model_is_a_404(client):
+    with pytest.raises(ModelError) as err:
+        client.infer("no-such-model", models.inputs("resnet"))
+    assert (err.value.status, err.value.code) == (404, "unknown_model")
+    with pytest.raises(ModelError) as err:
+        client.prefetch("no-such-model")
+    assert err.value.status == 404
+
+
+@pytest.mark.parametrize("header, words", [
+    ({"op": "fly"}, "unknown op"),
+    ({"op": "infer"}, "'model'"),
+    ({"op": "infer", "model": "resnet"}, "'shm'"),
+    ({"op": "infer", "model": "resnet", "shm": "torpor-no-such-segment", "inputs": []}, "cannot open shared memory"),
+    ({"op": "prefetch", "model": "resnet", "device": "zero"}, "'device'"),
+])
+def test_malformed_requests_are_a_400_and_keep_the_connection(server, client, header, words):
+    with pytest.raises(ModelError) as err:
+        client.call(header)
+    assert err.value.status == 400 and words in str(err.value)
+    assert client.health()["healthy"]
+
+
+def test_malformed_tensor_descriptions_are_a_400(server, client):
+    client.infer("resnet", models.inputs("resnet"))  # creates this thread's segment
+    shm = client._local.shm
+    good, _ = protocol.describe(models.inputs("resnet"))
+    for entries, words in [
+        ([{**good[0], "nbytes": 7}], "nbytes does not match"),
+        ([{**good[0], "offset": shm.size}], "outside the shared memory"),
+        ([{**good[0], "dtype": "no-such-dtype"}], "bad tensor description"),
+        ([{**good[0], "nbytes": "many"}], "nbytes"),
+        ([5], "bad tensor description"),
+    ]:
+        with pytest.raises(ModelError) as err:
+            client.call({"op": "infer", "model": "resnet", "shm": shm.name, "inputs": entries})
+        assert err.value.status == 400 and words in str(err.value), entries
+    with pytest.raises(ModelError) as err:
+        client.call({"op": "infer", "model": "resnet", "shm": shm.name, "inputs": good, "timeout_ms": "soon"})
+    assert err.value.status == 400 and "timeout_ms" in str(err.value)
+
+
+def framed(header: bytes) -> bytes:
+    return len(header).to_bytes(4, "big") + header
+
+
+@pytest.mark.parametrize("frame", [
+    framed(b"not json!"),
+    framed(b"\xff\xfe\xfd\xfc\xfb"),  # not UTF-8
+    framed(b"[1,2]"),  # JSON, not an object
+    (protocol.MAX_HEADER_BYTES + 1).to_bytes(4, "big"),
+    b"\xff\xff\xff\xff",
+    framed(b'{"op":"health","payload":-1}'),
+    framed(b'{"op":"health","payload":1000000000}'),  # over the input limit
+    framed(b'{"op":"health","payload":"x"}'),
+    framed(b'{"op":"health",'),
+], ids=["not-json", "not-utf8", "array", "oversized", "huge", "negative-payload", "big-payload", "text-payload",
+        "cut-json"])
+def test_garbage_frames_get_a_400_or_a_close_and_others_are_still_served(server, client, frame):
+    bystander = server.client()
+    assert bystander.health()["healthy"]  # connected before the garbage
+    with raw_connection(server.socket) as sock:
+        sock.sendall(frame)
+        reply = reply_or_close(sock)
+        assert reply is None or (reply["ok"] is False and reply["status"] == 400 and reply["code"] == "bad_request")
+        if reply is not None:
+            assert reply_or_close(sock) is None  # and then it closes: the stream cannot be trusted
+    arrays = models.inputs("vit", seed=4)
+    want = models.native(server.natives["vit"], arrays)
+    models.assert_same(bystander.infer("vit", arrays), want)
+    models.assert_same(client.infer("vit", arrays), want)
+    bystander.close()
+
+
+def test_a_cut_frame_closes_only_that_connection(server, client):
+    with raw_connection(server.socket) as sock:
+        sock.sendall(b"\x00\x00\x01\x00" + b'{"op":')
+        sock.shutdown(socket.SHUT_WR)
+        assert reply_or_close(sock) is None
+    assert client.health()["healthy"]
+
+
+def test_a_broken_model_in_the_repository_fails_fast(client):
+    started = time.monotonic()
+    with pytest.raises(ModelError) as err:
+        client.infer("broken", models.inputs("resnet"))
+    assert (err.value.status, err.value.code) == (502, "model_load_failed")
+    assert "broken" in str(err.value)
+    first_done = time.monotonic()
+    for _ in range(20):
+        with pytest.raises(ModelError) as err:
+            client.infer("broken", models.inputs("resnet"))
+        assert err.value.status == 502
+    assert time.monotonic() - first_done < 0.5
+    assert time.monotonic() - started < 5.0
+    assert "broken" not in client.stats()["models"]
+
+
+def test_register_op_loads_new_weights_and_unregister_forgets(server, client):
+    repo = server.repo
+    old = models.register(repo, "swapped", "resnet", seed=11)
+    assert client.register("swapped")["bytes"] > models.weight_bytes(old)
+    arrays = models.inputs("resnet", seed=5)
+    models.assert_same(client.infer("swapped", arrays), models.native(old, arrays))
+    new = models.register(repo, "swapped", "resnet", seed=12)
+    assert client.register("swapped")["model"] == "swapped"
+    models.assert_same(client.infer("swapped", arrays), models.native(new, arrays))
+    repo.unregister("swapped")
+    client.unregister("swapped")
+    assert "swapped" not in client.stats()["models"]
+    assert all("swapped" not in d["resident"] for d in client.stats()["devices"])
+    with pytest.raises(ModelError) as err:
+        client.infer("swapped", arrays)
+    assert err.value.status == 404
+
+
+def test_outputs_larger_than_the_shared_memory_come_back_inline(server, client):
+    arrays = models.inputs("gpt2-wide", seed=1)
+    want = models.native(server.natives["gpt2-wide"], arrays)
+    assert want[0].nbytes > DEFAULT_SHM_BYTES
+    models.assert_same(client.infer("gpt2-wide", arrays), want)
+    # the same call by hand: the reply carries the logits as its payload
+    entries, end = protocol.describe(arrays)
+    shm = shared_memory.SharedMemory(create=True, size=end)
+    try:
+        protocol.write(shm.buf, entries, arrays)
+        with raw_connection(server.socket) as sock:
+            protocol.send(sock, {"op": "infer", "model": "gpt2-wide", "shm": shm.name, "inputs": entries})
+            reply, payload = protocol.recv(sock, 1 << 30)
+        assert reply["ok"] and reply["payload"] == len(payload) >= want[0].nbytes
+        assert reply["outputs"][0]["offset"] == 0
+        models.assert_same(protocol.read(payload, reply["outputs"], copy=True), want)
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def test_outputs_are_placed_after_the_inputs_in_shared_memory(server):
+    arrays = models.inputs("vit", seed=2)
+    entries, end = protocol.describe(arrays)
+    shm = shared_memory.SharedMemory(create=True, size=end + 4096)
+    try:
+        protocol.write(shm.buf, entries, arrays)
+        with raw_connection(server.socket) as sock:
+            protocol.send(sock, {"op": "infer", "model": "vit", "shm": shm.name, "inputs": entries})
+            reply, payload = protocol.recv(sock, 1 << 30)
+        assert reply["ok"] and not payload and reply["outputs"][0]["offset"] >= end
+        assert isinstance(reply["device"], int) and isinstance(reply["swap_in"], bool) and reply["server_ms"] >= 0
+        models.assert_same(protocol.read(shm.buf, entries, copy=True), arrays)  # inputs untouched
+        models.assert_same(protocol.read(shm.buf, reply["outputs"], copy=True),
+                           models.native(server.natives["vit"], arrays))
+    finally:
+        shm.close()
+        shm.unlink()
+
+
+def test_swap_in_evict_cycles_keep_memory_flat(server, client):
+    arrays = models.inputs("resnet", seed=9)
+    want = models.native(server.natives["resnet"], arrays)
+    for _ in range(2):  # no model resident anywhere: the baseline
+        for name in client.stats()["models"]:
+            client.evict(name)
+    baseline = [d["used_bytes"] for d in client.stats()["devices"]]
+    assert baseline == [0, 0]
+    swaps_before = sum(d["swap_ins"] for d in client.stats()["devices"])
+
+    def cycle(n: int) -> None:
+        for _ in range(n):
+            out = client.infer("resnet", arrays)
+            assert client.evict("resnet")
+        models.assert_same(out, want)
+
+    cycle(50)
+    rss_before = server.rss_bytes()
+    cycle(1000)
+    rss_after = server.rss_bytes()
+    stats = client.stats()
+    assert [d["used_bytes"] for d in stats["devices"]] == baseline
+    assert sum(d["swap_ins"] for d in stats["devices"]) == swaps_before + 1050
+    assert rss_after - rss_before < 64 << 20, (rss_before, rss_after)
+
+
+def test_shutdown_removes_the_socket_and_leaves_client_segments_to_the_client(server):
+    """Runs last: it stops the module's server (a later test would start it again)."""
+    client = server.client()
+    arrays = models.inputs("vit", seed=6)
+    models.assert_same(client.infer("vit", arrays), models.native(server.natives["vit"], arrays))
+    segment = Path("/dev/shm") / client._local.shm.name
+    assert segment.exists()
+    stop_server(server.proc)
+    assert server.proc.returncode == 0
+    assert not Path(server.socket).exists()
+    # the server attached to the segment, but it is the client's to remove, even once the
+    # server has exited (before Python 3.13 an attach registers it for unlinking at exit)
+    assert segment.exists()
+    client.close()
+    assert not segment.exists()
+    with pytest.raises(ModelError) as err:
+        client.health()
+    assert (err.value.status, err.value.code) == (503, "unavailable")
