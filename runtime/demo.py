@@ -146,6 +146,7 @@ def main(args):
     global _tokenizer
     if _tokenizer is None:
         _tokenizer = Tokenizer.from_file(args["tokenizer"])
+        _tokenizer.no_padding()  # the packaged tokenizer pads to 128; the model needs only the real tokens
     sentence = args.get("sentence")
     if not isinstance(sentence, str) or not sentence:
         return {"error": "parameter 'sentence' must be a non-empty string"}
@@ -221,7 +222,9 @@ class NativeReference:
             with torch.inference_mode():
                 if fn.model == MINILM:
                     from tokenizers import Tokenizer
-                    enc = Tokenizer.from_file(fn.params["tokenizer"]).encode(params["sentence"])
+                    tokenizer = Tokenizer.from_file(fn.params["tokenizer"])
+                    tokenizer.no_padding()
+                    enc = tokenizer.encode(params["sentence"])
                     ids = torch.tensor([enc.ids[:256]], dtype=torch.int64)
                     out = module(ids, torch.ones_like(ids))[0]
                 elif fn.code is IMAGE_ACTION:
