@@ -33,7 +33,7 @@ from runtime import settings as rs
 InvokeResult = tuple[dict | None, str | None, float]
 Invoke = Callable[[str, dict], InvokeResult]
 
-GUEST_AUTH = "23bc46b1-71f6-4ed5-8c54-816aa4f8c502:123zO3xZCLrMN6v2BKK1dXYFpXlPkccOFqm12CdAsMgRU4VrNZ9lyGVCGuMDGIwP"
+from controller_plugin.config import GUEST_AUTH
 # Object reprs in exception texts ("<...Connection object at 0x7f..>") would make every
 # connection error a distinct entry in the error tally.
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")

@@ -20,7 +20,7 @@ import requests
 from runtime.redis_server import RedisServer, free_port
 from runtime.settings import from_kwargs, options, setting
 
-GUEST_AUTH = "23bc46b1-71f6-4ed5-8c54-816aa4f8c502:123zO3xZCLrMN6v2BKK1dXYFpXlPkccOFqm12CdAsMgRU4VrNZ9lyGVCGuMDGIwP"
+from controller_plugin.config import GUEST_AUTH
 
 
 @dataclass
