@@ -48,11 +48,12 @@ def make_node(repo: Repository, devices: int, regions: int) -> Node:
 def served(node: Node, name: str, kind: str, module, seed: int = 0, hint: int | None = None,
            timeout_s: float = 5.0) -> dict:
     """Runs ``name`` on the node, checks the outputs against ``module`` run natively, returns
-    the call's info."""
+    the call's device and whether it swapped the model in."""
     arrays = models.inputs(kind, seed)
     outputs, info = node.infer(name, [torch.from_numpy(a) for a in arrays], hint, timeout_s)
     models.assert_same([o.numpy() for o in outputs], models.native(module, arrays))
-    return info
+    assert info["path"] == ("pcie" if info["swap_in"] else "resident")
+    return {"device": info["device"], "swap_in": info["swap_in"]}
 
 
 def swap_ins(node: Node) -> int:

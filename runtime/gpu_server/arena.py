@@ -109,6 +109,8 @@ class Arena:
             if not all(evictable(r.owner) for r in covered):
                 continue
             price = cost([r.owner for r in covered])
+            if price == float("inf"):
+                continue
             if best is None or price < best[0]:
                 best = (price, start, [r.owner for r in covered])
         if best is None:

@@ -18,6 +18,7 @@ class GPUServerSettings:
     cpu_devices: int = setting(0, "TORPOR_CPU_DEVICES", "serve on N CPU devices instead of the GPUs (0: GPUs if any, else 1 CPU device)")
     device_memory: int = setting(1 << 30, "TORPOR_DEVICE_MEMORY", "weight arena of each CPU device", "bytes")
     arena_bytes: int = setting(0, "TORPOR_ARENA_BYTES", "weight arena of each GPU (0: 60% of its free memory)", "bytes")
+    policy: str = setting("torpor", "TORPOR_POLICY", "scheduling policy: torpor, lru, random, fifo (docs/scheduling.md)")
     group_bytes: int = setting(2 << 20, "TORPOR_GROUP_BYTES", "copy group size of pipelined swap-ins", "bytes")
     max_input_bytes: int = setting(256 << 20, "TORPOR_MAX_INPUT_BYTES", "largest total input of one call", "bytes")
     room_timeout_s: float = setting(30.0, "TORPOR_ROOM_TIMEOUT_S", "longest wait for device room held by models in use", "s")

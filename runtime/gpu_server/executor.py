@@ -67,12 +67,15 @@ class Executor:
 
     Args:
         device: the device and its arena memory.
-        window_cost: price of evicting a group of resident models together (lowest is
-            evicted); default LRU: the most recently used victim sets the price.
+        eviction_cost: given this executor, returns the price of evicting a group of its
+            resident models together (lowest is evicted, infinite never); the node passes its
+            policy's (placement.window_cost). Default LRU: the most recently used victim sets
+            the price.
         group_bytes: copy group size of pipelined swap-ins in bytes.
     """
 
-    def __init__(self, device: Device, window_cost: Callable[["Executor", list[str]], float] | None = None,
+    def __init__(self, device: Device,
+                 eviction_cost: Callable[["Executor"], Callable[[list[str]], float]] | None = None,
                  group_bytes: int = GROUP_BYTES):
         self.device = device
         self.arena = Arena(device.arena_bytes)
@@ -82,7 +85,7 @@ class Executor:
         self.fault = ""
         self.queued = 0  # requests routed here and not finished
         self.group_bytes = group_bytes
-        self._window_cost = window_cost or (lambda ex, owners: max(ex.resident[o].last_used for o in owners))
+        self._eviction_cost = eviction_cost or (lambda ex: lambda owners: max(ex.resident[o].last_used for o in owners))
         self._cond = threading.Condition()
         self._run_lock = threading.Lock()
         self._homes: dict[str, int] = {}
@@ -94,10 +97,13 @@ class Executor:
     def fits_without_eviction(self, nbytes: int) -> bool:
         return any(size >= nbytes for _, size in self.arena.gaps())
 
-    def acquire(self, model: HostModel, timeout_s: float) -> tuple[Residency, bool]:
+    def acquire(self, model: HostModel, timeout_s: float, source: torch.Tensor | None = None) -> tuple[Residency, bool]:
         """Makes ``model`` resident (starting its swap-in if absent) and marks it in use.
 
-        The swap-in is only *issued* here; the run waits for each layer's bytes.
+        The swap-in is only *issued* here; the run waits for each layer's bytes. ``source``
+        is where the bytes come from: the host store by default, or the model's region on a
+        peer device (peer swap over NVLink; the caller keeps that copy in use until the
+        request ends).
 
         Returns:
             (the residency, whether this call started a swap-in).
@@ -118,7 +124,7 @@ class Executor:
                     return res, False
                 if res is None:
                     try:
-                        return self._swap_in(model), True
+                        return self._swap_in(model, source), True
                     except ArenaFull as exc:
                         if model.nbytes > self.arena.capacity:
                             raise NoRoom(str(exc)) from None
@@ -128,17 +134,17 @@ class Executor:
                                  "the resident models are in use")
                 self._cond.wait(remaining)
 
-    def _swap_in(self, model: HostModel) -> Residency:
+    def _swap_in(self, model: HostModel, source: torch.Tensor | None) -> Residency:
         offset, victims = self.arena.plan(
             model.nbytes, evictable=lambda o: self.resident[o].in_use == 0,
-            cost=lambda owners: self._window_cost(self, owners), home=self._homes.get(model.name))
+            cost=self._eviction_cost(self), home=self._homes.get(model.name))
         for victim in victims:
             self._evict(victim)
         region = self.arena.place(model.name, offset, model.nbytes)
         self._homes[model.name] = offset
         module, gates = self._bind(model, offset)
         dst = self.device.weights[offset:offset + model.nbytes]
-        gates.swap = SwapIn(self.device, model.buffer, dst, self.group_bytes)
+        gates.swap = SwapIn(self.device, model.buffer if source is None else source, dst, self.group_bytes)
         self.stats.swap_ins += 1
         self.stats.swap_in_bytes += model.nbytes
         res = Residency(model, region, module, gates, in_use=1)
@@ -161,6 +167,20 @@ class Executor:
         self.resident.pop(name)
         self.arena.free(name)
         self.stats.evictions += 1
+
+    def pin(self, name: str) -> Residency | None:
+        """Marks ``name`` in use when it is resident and fully landed (a peer-copy source);
+        returns its residency, to :meth:`release` later, or None."""
+        with self._cond:
+            res = self.resident.get(name)
+            if res is None or (res.gates.swap is not None and not res.gates.swap.done()):
+                return None
+            res.in_use += 1
+            return res
+
+    def region_bytes(self, res: Residency) -> torch.Tensor:
+        """The uint8 view of the arena holding ``res``'s weights."""
+        return self.device.weights[res.region.offset:res.region.offset + res.model.nbytes]
 
     def release(self, res: Residency) -> None:
         """Ends one request's use of ``res``; waiting requests may now evict it."""

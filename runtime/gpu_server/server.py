@@ -22,6 +22,8 @@ from runtime.gpu_server.executor import DeviceFault, NoRoom
 from runtime.gpu_server.node import NoHealthyDevice, Node
 from runtime.gpu_server.repository import ModelLoadError, Repository
 from runtime.gpu_server.store import ModelStore
+from runtime.gpu_server.topology import bus_id, cpu_topology
+from runtime.gpu_server.topology import discover as discover_topology
 from runtime.settings import from_kwargs, options
 
 log = logging.getLogger("torpor.gpu_server")
@@ -134,7 +136,7 @@ class Service:
         arrays_out = [o.numpy() for o in outputs]
         start = max(int(e["offset"]) + int(e["nbytes"]) for e in entries) if entries else 0
         out_entries, end = protocol.describe(arrays_out, start)
-        reply = {"ok": True, "outputs": out_entries, "device": info["device"], "swap_in": info["swap_in"],
+        reply = {"ok": True, "outputs": out_entries, "device": info["device"], "swap_in": info["swap_in"], "path": info["path"],
                  "server_ms": (time.perf_counter() - started) * 1e3}
         if end <= shm.size:
             protocol.write(shm.buf, out_entries, arrays_out)
@@ -246,7 +248,12 @@ def serve(settings: GPUServerSettings) -> None:
     torch.backends.cudnn.allow_tf32 = False
     devices = discover(settings.cpu_devices, settings.device_memory, settings.arena_bytes)
     store = ModelStore(Repository(settings.model_repo), pin=any(d.is_cuda for d in devices))
-    node = Node(store, devices, settings.group_bytes)
+    if any(d.is_cuda for d in devices):
+        props = [torch.cuda.get_device_properties(d.torch_device) for d in devices]
+        topology = discover_topology([bus_id(p.pci_domain_id, p.pci_bus_id, p.pci_device_id) for p in props])
+    else:
+        topology = cpu_topology(len(devices))
+    node = Node(store, devices, settings.group_bytes, settings.policy, topology)
     server = Server(settings.socket, Service(node, settings), int(settings.socket_mode, 8))
     stop = threading.Event()
     if settings.redis_url:
