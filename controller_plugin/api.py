@@ -21,11 +21,13 @@ from typing import Any
 import click
 import redis
 from flask import Flask, Response, g, request
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
 
 from controller_plugin import state
 from controller_plugin.auth import ENTITY_NAME, Authenticator, CredentialError, Identity
 from controller_plugin.config import ControllerSettings
+from controller_plugin.metrics import ControllerMetrics
 from controller_plugin.routing import NodePicker, requeue_from_dead_nodes
 from runtime.action.errors import ActionError
 from runtime.action.request_body import parse_json, read_body
@@ -395,7 +397,8 @@ class Controller:
 def create_app(settings: ControllerSettings) -> Flask:
     """The Flask application of the REST API.
 
-    The controller's shared parts are in ``app.extensions["torpor"]`` (a :class:`Controller`);
+    The controller's shared parts are in ``app.extensions["torpor"]`` (a :class:`Controller`),
+    its Prometheus metrics in ``app.extensions["torpor_metrics"]`` (served on ``/metrics``);
     its requeue thread runs when ``settings.requeue_interval_ms`` > 0 — call its ``stop()``
     when done with the app.
 
@@ -407,6 +410,7 @@ def create_app(settings: ControllerSettings) -> Flask:
     ctl = Controller(settings)
     app.extensions["torpor"] = ctl
     r = ctl.redis
+    metrics = app.extensions["torpor_metrics"] = ControllerMetrics(r)
 
     @app.before_request
     def _authenticate() -> None:
@@ -466,6 +470,10 @@ def create_app(settings: ControllerSettings) -> Flask:
         except redis.RedisError:
             return error(503, "Redis is not reachable.")
         return {"status": "ready"}
+
+    @app.get("/metrics")
+    def prometheus_metrics() -> Response:
+        return Response(generate_latest(metrics.registry), content_type=CONTENT_TYPE_LATEST)
 
     @app.get(API, strict_slashes=False)
     def info() -> Any:
@@ -543,6 +551,12 @@ def create_app(settings: ControllerSettings) -> Flask:
             models = models_of(action["annotations"])
         except ValueError as exc:
             raise ApiError(400, f"The action's annotations are malformed: {exc}.") from None
+        params = {**defaults, **payload}
+        # the runtime's /run refuses parameters over the same limit: better refused here, at once
+        merged_bytes = len(json.dumps(params, separators=(",", ":")).encode())
+        if merged_bytes > settings.max_payload_bytes:
+            raise ApiError(413, f"The request content was larger than allowed: the parameters with the action's "
+                                f"defaults are {merged_bytes} bytes, over the limit of {settings.max_payload_bytes} bytes.")
 
         submitted = now_ms()
         timeout_ms = action["limits"]["timeout"]
@@ -553,28 +567,47 @@ def create_app(settings: ControllerSettings) -> Flask:
                         concurrent_limit=settings.concurrent_limit,
                         per_minute_limit=settings.invocations_per_minute)
         except state.Throttled as exc:
+            metrics.invoked(ns, action, "throttled")
             raise ApiError(429, str(exc)) from None
         state.put_pending(r, state.pending_record(activation_id, action, g.identity.namespace, submitted))
         message = {"activationId": activation_id, "namespace": ns, "action": name, "version": action["version"],
-                   "params": {**defaults, **payload}, "models": models, "gpu": None, "timeout_ms": timeout_ms,
+                   "params": params, "models": models, "gpu": None, "timeout_ms": timeout_ms,
                    "deadline": deadline, "submitted": submitted, "attempt": 1,
                    "subject": g.identity.namespace, "blocking": blocking}
-        if ctl.picker.dispatch(message) is None:
+        try:
+            node = ctl.picker.dispatch(message)
+        except redis.RedisError:
+            # the LPUSH may have happened with its answer lost: the caller gets the id to check
+            log.warning("Redis failed while queueing activation %s", activation_id)
+            raise ApiError(503, f"The state store (Redis) failed while queueing activation {activation_id}: it "
+                                f"may still run; look it up before invoking again.",
+                           {ACTIVATION_HEADER: activation_id}) from None
+        if node is None:
             state.discard_activation(r, ns, activation_id)
+            metrics.invoked(ns, action, "no_invoker")
             raise ApiError(503, "No invoker is available to run the action; try again later.")
         accepted = app.json.response({"activationId": activation_id})
         accepted.status_code = 202
         accepted.headers[ACTIVATION_HEADER] = activation_id
         if not blocking:
+            metrics.invoked(ns, action, "accepted")
             return accepted
         wait_ms = min(settings.max_blocking_wait_ms, timeout_ms + settings.blocking_margin_ms)
         if wait_override is not None:
             wait_ms = min(wait_ms, wait_override)
-        state.wait_done(r, activation_id, wait_ms)
-        record = state.get_activation(r, activation_id)
+        try:
+            state.wait_done(r, activation_id, wait_ms)
+            record = state.get_activation(r, activation_id)
+        except redis.RedisError:
+            # queued already: the activation runs whatever happens to this wait (a Redis
+            # restart), so the caller gets its id to poll, not an error inviting a second run
+            log.warning("Redis failed while waiting for activation %s: answering 202", activation_id)
+            record = None
         if record is None or not state.is_final(record):
+            metrics.blocking_done(ns, action, None, now_ms() - submitted)
             return accepted
         code = record["response"]["statusCode"]
+        metrics.blocking_done(ns, action, code, now_ms() - submitted)
         status = 200 if code == state.SUCCESS else 500 if code == state.WHISK_ERROR else 502
         response = app.json.response(record["response"]["result"] if result_only else record)
         response.status_code = status

@@ -18,7 +18,7 @@ from multiprocessing import shared_memory
 
 import numpy as np
 
-from runtime.gpu_server import protocol
+from runtime.gpu_server import protocol, tokens
 
 DEFAULT_SOCKET = "/run/torpor/gpu.sock"
 DEFAULT_SHM_BYTES = 16 << 20
@@ -31,14 +31,21 @@ class ModelError(Exception):
     Attributes:
         status: HTTP-style status — 400 bad input, 403 not allowed, 404 unknown model,
             413 over a size limit, 502 the model failed to load, 503 the GPU server is
-            unavailable or has no room, 500 a device or model fault.
+            unavailable or has no room, 504 no reply within the client's timeout, 500 a
+            device or model fault.
         code: short machine-readable reason (``bad_input``, ``unknown_model``...).
+
+    ``str()`` gives the message followed by the status and code, so that an action that lets
+    the error escape reports both in its activation's error.
     """
 
     def __init__(self, status: int, code: str, message: str):
         super().__init__(message)
         self.status = status
         self.code = code
+
+    def __str__(self) -> str:
+        return f"{self.args[0]} (model call failed: {self.status} {self.code})"
 
 
 def _as_numpy(x) -> np.ndarray:
@@ -55,13 +62,18 @@ class GPUServerClient:
     Args:
         socket_path: the server's Unix socket (default ``$TORPOR_GPU_SOCKET``, else
             ``/run/torpor/gpu.sock``).
-        token: the function's token (default ``$TORPOR_FUNCTION_TOKEN``), sent with calls.
+        token: the caller's token, sent with calls (default: ``$TORPOR_FUNCTION_TOKEN``, the
+            one the invoker gives an action; else the admin token of ``$TORPOR_NODE_SECRET``,
+            for the node's own tools; else none).
         timeout_s: seconds to wait for a reply.
     """
 
     def __init__(self, socket_path: str | None = None, token: str | None = None, timeout_s: float = 120.0):
         self.socket_path = socket_path or os.environ.get("TORPOR_GPU_SOCKET") or DEFAULT_SOCKET
-        self.token = token if token is not None else os.environ.get("TORPOR_FUNCTION_TOKEN", "")
+        if token is None:
+            secret = os.environ.get("TORPOR_NODE_SECRET", "")
+            token = os.environ.get("TORPOR_FUNCTION_TOKEN") or (tokens.admin_token(secret) if secret else "")
+        self.token = token
         self.timeout_s = timeout_s
         self._local = threading.local()
 
@@ -92,20 +104,32 @@ class GPUServerClient:
     def call(self, header: dict, payload: bytes = b"") -> tuple[dict, bytes]:
         """Sends one request and returns the reply (header, payload).
 
+        A connection kept from an earlier call that turns out closed (the GPU server was
+        restarted since) is replaced by a new one and the request sent once more: every op is
+        idempotent, so a request the old server may have run does no harm run again.
+
         Raises:
-            ModelError: the server answered with an error, or could not be reached.
+            ModelError: the server answered with an error (its status), could not be reached
+                or dropped the connection (503), or did not answer within ``timeout_s`` (504).
         """
         if self.token:
             header = {**header, "token": self.token}
-        try:
-            sock = self._sock()
-            protocol.send(sock, header, payload)
-            reply, data = protocol.recv(sock, MAX_REPLY_PAYLOAD)
-        except ModelError:
-            raise
-        except (OSError, ConnectionError, protocol.ProtocolError) as exc:
-            self.close()
-            raise ModelError(503, "unavailable", f"GPU server connection failed: {exc}") from None
+        while True:
+            kept = getattr(self._local, "sock", None) is not None
+            try:
+                sock = self._sock()
+                protocol.send(sock, header, payload)
+                reply, data = protocol.recv(sock, MAX_REPLY_PAYLOAD)
+                break
+            except ModelError:
+                raise
+            except TimeoutError:
+                self._drop_socket()
+                raise ModelError(504, "timeout", f"GPU server gave no reply within {self.timeout_s:g} s") from None
+            except (OSError, ConnectionError, protocol.ProtocolError) as exc:
+                self._drop_socket()
+                if not kept:
+                    raise ModelError(503, "unavailable", f"GPU server connection failed: {exc}") from None
         if not reply.get("ok"):
             raise ModelError(int(reply.get("status", 500)), reply.get("code", "error"), reply.get("error", "unknown error"))
         return reply, data
@@ -136,6 +160,27 @@ class GPUServerClient:
         """Loads (or reloads) ``model`` from the repository into the host store."""
         return self.call({"op": "register", "model": model})[0]
 
+    def register_program(self, model: str, digest: str, inputs: list[dict], program: bytes) -> tuple[dict, bool]:
+        """Registers the ``torch.export`` archive ``program`` (SHA-256 ``digest``, inputs
+        ``[{"name", "dtype", "shape"}]``) as ``model``, sending the bytes only when the server
+        does not hold it yet.
+
+        Returns:
+            (reply, uploaded): the reply (``model``, ``digest``, ``bytes``, ``created``) and
+            whether this call sent the bytes.
+
+        Raises:
+            ModelError: 400 malformed or refused program, 409 the name holds other bytes, 413
+                over the server's program limit, 502 it does not load or run, 503 unreachable.
+        """
+        header = {"op": "register_program", "model": model, "digest": digest, "inputs": inputs}
+        try:
+            return self.call(header)[0], False
+        except ModelError as exc:
+            if exc.status != 404:
+                raise
+        return self.call(header, program)[0], True
+
     def unregister(self, model: str) -> None:
         self.call({"op": "unregister", "model": model})
 
@@ -149,12 +194,16 @@ class GPUServerClient:
     def health(self) -> dict:
         return self.call({"op": "health"})[0]
 
-    def close(self) -> None:
-        """Closes this thread's socket and frees its shared memory."""
+    def _drop_socket(self) -> None:
+        # the segment stays: the inputs written to it are sent again on a new connection
         sock = getattr(self._local, "sock", None)
         if sock is not None:
             sock.close()
             self._local.sock = None
+
+    def close(self) -> None:
+        """Closes this thread's socket and frees its shared memory."""
+        self._drop_socket()
         shm = getattr(self._local, "shm", None)
         if shm is not None:
             shm.close()

@@ -30,6 +30,8 @@ class UpSettings:
     state_dir: str = setting(".state", "TORPOR_STATE_DIR", "directory for Redis data, models, sockets and logs")
     auth: str = setting(GUEST_AUTH, "TORPOR_AUTH", "UUID:KEY of the local development namespace")
     controller_port: int = setting(0, "TORPOR_CONTROLLER_PORT", "REST API port (0: a free one)")
+    gpu_metrics_port: int = setting(0, "TORPOR_GPU_METRICS_PORT",
+                                    "port of the GPU server's /metrics, /healthz, /readyz (0: a free one)")
     cpu_devices: int = setting(0, "TORPOR_CPU_DEVICES", "CPU devices to serve on (0: the GPUs found, else 2 CPU devices)")
     device_memory: int = setting(0, "TORPOR_DEVICE_MEMORY", "weight arena per device (0: demo sizes it below the models' total)", "bytes")
     functions: int = setting(12, "TORPOR_DEMO_FUNCTIONS", "functions the demo deploys")
@@ -56,6 +58,8 @@ class Stack:
         self.redis: RedisServer | None = None
         self.port = settings.controller_port or free_port()
         self.api_host = f"http://127.0.0.1:{self.port}"
+        self.gpu_metrics_port = settings.gpu_metrics_port or free_port()
+        self.gpu_metrics_url = f"http://127.0.0.1:{self.gpu_metrics_port}"
         self.socket = str(self.state / "run" / "gpu.sock")
         self.model_repo = str(self.state / "models")
 
@@ -65,6 +69,7 @@ class Stack:
             "TORPOR_REDIS_URL": self.redis.url, "TORPOR_GPU_SOCKET": self.socket, "TORPOR_MODEL_REPO": self.model_repo,
             "TORPOR_NODE_ID": "node0", "TORPOR_AUTH": self.settings.auth, "TORPOR_CONTROLLER_PORT": str(self.port),
             "TORPOR_API_HOST": self.api_host, "TORPOR_CPU_DEVICES": str(self.cpu_devices), "PYTHONUNBUFFERED": "1",
+            "TORPOR_GPU_METRICS_PORT": str(self.gpu_metrics_port),
             "TORPOR_INVOCATIONS_PER_MINUTE": "1000000", "TORPOR_CONCURRENT_LIMIT": "1000",
         })
         if self.cpu_devices:
@@ -231,7 +236,9 @@ def command(demo: bool, **kwargs) -> None:
     gpus = 0 if settings.cpu_devices else gpu_count()
     stack = Stack(settings, 0 if gpus else (settings.cpu_devices or 2), settings.device_memory)
     with stack:
-        click.echo(f"API host: {stack.api_host}\nauth: {settings.auth}\nGPU socket: {stack.socket}\nCtrl-C to stop")
+        click.echo(f"API host: {stack.api_host}\nauth: {settings.auth}\nGPU socket: {stack.socket}\n"
+                   f"Redis: {stack.redis.url}\nmetrics: {stack.api_host}/metrics {stack.gpu_metrics_url}/metrics\n"
+                   "Ctrl-C to stop")
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
             while True:

@@ -588,7 +588,8 @@ def test_runtime_image_contents_are_enough_for_the_runtime_and_controller():
 
 # ---------------------------------------------------------------- docs
 
-DOCS = [ROOT / "docs" / "deploy-knative.md", KNATIVE / "README.md", ROOT / "docs" / "deploy-openwhisk.md"]
+DOCS = [ROOT / "docs" / "deploy-knative.md", KNATIVE / "README.md", ROOT / "docs" / "deploy-openwhisk.md",
+        ROOT / "README.md"]
 
 
 def shell_lines(text: str) -> list[str]:
@@ -622,7 +623,7 @@ def referenced_files(line: str) -> tuple[list[str], list[str]]:
     return [r for r in reads if r not in ("-",) and "://" not in r], writes
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_doc_commands_refer_to_files_that_exist(doc):
     lines = [line for line in shell_lines(doc.read_text(encoding="utf-8"))
              if line.startswith(("kubectl", "torpor", "docker build", "jq"))]
@@ -634,6 +635,19 @@ def test_doc_commands_refer_to_files_that_exist(doc):
     assert not missing, f"{doc.name} refers to missing files: {missing}"
 
 
+def test_readme_deploy_sections_use_the_deploy_docs_commands():
+    sections = re.split(r"^## ", (ROOT / "README.md").read_text(encoding="utf-8"), flags=re.M)
+    deploy = {s.split("\n", 1)[0]: s for s in sections if s.startswith("Deploy on ")}
+    assert sorted(deploy) == ["Deploy on Knative", "Deploy on OpenWhisk"]
+    documented = set(shell_lines((ROOT / "docs" / "deploy-openwhisk.md").read_text(encoding="utf-8"))
+                     + shell_lines((ROOT / "docs" / "deploy-knative.md").read_text(encoding="utf-8")))
+    for title, text in deploy.items():
+        commands = [line.strip() for block in re.findall(r"```sh\n(.*?)```", text, flags=re.S)
+                    for line in block.splitlines() if line.strip()]
+        assert commands, title
+        assert not [c for c in commands if c not in documented], f"README {title}: commands not in docs/deploy-*.md"
+
+
 def test_knative_docs_apply_every_manifest():
     text = (ROOT / "docs" / "deploy-knative.md").read_text(encoding="utf-8")
     applied = " ".join(line for line in shell_lines(text) if line.startswith("kubectl apply"))
@@ -641,7 +655,7 @@ def test_knative_docs_apply_every_manifest():
     assert "torpor knative render" in text
 
 
-@pytest.mark.parametrize("doc", DOCS, ids=lambda p: p.name)
+@pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_doc_manifests_validate(doc, knative_validator):
     blocks = [yaml.safe_load(b) for b in re.findall(r"```yaml\n(.*?)```", doc.read_text(encoding="utf-8"), flags=re.S)]
     for block in blocks:

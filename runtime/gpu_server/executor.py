@@ -19,8 +19,9 @@ from torch import nn
 
 from runtime.gpu_server.arena import Arena, ArenaFull, Region
 from runtime.gpu_server.device import Device
+from runtime.gpu_server.graphs import GraphCache, flatten
 from runtime.gpu_server.store import HostModel
-from runtime.gpu_server.swap import GROUP_BYTES, Gates, SwapIn
+from runtime.gpu_server.swap import GROUP_BYTES, PEER_GROUP_BYTES, Gates, SwapIn
 
 BOUND_CACHE = 64  # device-bound module skeletons kept per executor (no device memory each)
 
@@ -43,6 +44,12 @@ class Residency:
     gates: Gates
     last_used: float = field(default_factory=time.monotonic)
     in_use: int = 0
+    deferred: bool = False  # copies not issued: the first run replays the cold graph
+
+    @property
+    def landing(self) -> bool:
+        """Whether its bytes are not all on the device yet."""
+        return self.deferred or (self.gates.swap is not None and not self.gates.swap.done())
 
 
 @dataclass
@@ -51,15 +58,7 @@ class ExecutorStats:
     swap_in_bytes: int = 0
     evictions: int = 0
     runs: int = 0
-
-
-def flatten(out) -> list[torch.Tensor]:
-    """A model's output (tensor, or nested tuple/list of tensors) as a flat list."""
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (tuple, list)):
-        return [t for o in out for t in flatten(o)]
-    raise TypeError(f"model returned {type(out).__name__}, expected tensors")
+    graph_runs: int = 0
 
 
 class Executor:
@@ -72,12 +71,14 @@ class Executor:
             policy's (placement.window_cost). Default LRU: the most recently used victim sets
             the price.
         group_bytes: copy group size of pipelined swap-ins in bytes.
+        graphs: capture and replay CUDA graphs (CUDA devices only; graphs.py).
     """
 
     def __init__(self, device: Device,
                  eviction_cost: Callable[["Executor"], Callable[[list[str]], float]] | None = None,
-                 group_bytes: int = GROUP_BYTES):
+                 group_bytes: int = GROUP_BYTES, graphs: bool = True):
         self.device = device
+        self.graphs = GraphCache(device) if graphs and device.is_cuda else None
         self.arena = Arena(device.arena_bytes)
         self.resident: dict[str, Residency] = {}
         self.stats = ExecutorStats()
@@ -97,13 +98,15 @@ class Executor:
     def fits_without_eviction(self, nbytes: int) -> bool:
         return any(size >= nbytes for _, size in self.arena.gaps())
 
-    def acquire(self, model: HostModel, timeout_s: float, source: torch.Tensor | None = None) -> tuple[Residency, bool]:
+    def acquire(self, model: HostModel, timeout_s: float, source: torch.Tensor | None = None,
+                prefetch: bool = False) -> tuple[Residency, bool]:
         """Makes ``model`` resident (starting its swap-in if absent) and marks it in use.
 
         The swap-in is only *issued* here; the run waits for each layer's bytes. ``source``
         is where the bytes come from: the host store by default, or the model's region on a
         peer device (peer swap over NVLink; the caller keeps that copy in use until the
-        request ends).
+        request ends). Without ``prefetch``, a model with a cold graph defers its copies to
+        the run, which replays them inside the graph.
 
         Returns:
             (the residency, whether this call started a swap-in).
@@ -124,7 +127,7 @@ class Executor:
                     return res, False
                 if res is None:
                     try:
-                        return self._swap_in(model, source), True
+                        return self._swap_in(model, source, defer=not prefetch), True
                     except ArenaFull as exc:
                         if model.nbytes > self.arena.capacity:
                             raise NoRoom(str(exc)) from None
@@ -134,7 +137,7 @@ class Executor:
                                  "the resident models are in use")
                 self._cond.wait(remaining)
 
-    def _swap_in(self, model: HostModel, source: torch.Tensor | None) -> Residency:
+    def _swap_in(self, model: HostModel, source: torch.Tensor | None, defer: bool) -> Residency:
         offset, victims = self.arena.plan(
             model.nbytes, evictable=lambda o: self.resident[o].in_use == 0,
             cost=self._eviction_cost(self), home=self._homes.get(model.name))
@@ -143,11 +146,16 @@ class Executor:
         region = self.arena.place(model.name, offset, model.nbytes)
         self._homes[model.name] = offset
         module, gates = self._bind(model, offset)
-        dst = self.device.weights[offset:offset + model.nbytes]
-        gates.swap = SwapIn(self.device, model.buffer if source is None else source, dst, self.group_bytes)
+        deferred = defer and source is None and self.graphs is not None and self.graphs.has_cold(model, offset)
+        if not deferred:
+            dst = self.device.weights[offset:offset + model.nbytes]
+            if source is None:
+                gates.swap = SwapIn(self.device, model.buffer, dst, self.group_bytes)
+            else:
+                gates.swap = SwapIn(self.device, source, dst, max(self.group_bytes, PEER_GROUP_BYTES))
         self.stats.swap_ins += 1
         self.stats.swap_in_bytes += model.nbytes
-        res = Residency(model, region, module, gates, in_use=1)
+        res = Residency(model, region, module, gates, in_use=1, deferred=deferred)
         self.resident[model.name] = res
         return res
 
@@ -173,7 +181,7 @@ class Executor:
         returns its residency, to :meth:`release` later, or None."""
         with self._cond:
             res = self.resident.get(name)
-            if res is None or (res.gates.swap is not None and not res.gates.swap.done()):
+            if res is None or res.landing:
                 return None
             res.in_use += 1
             return res
@@ -205,6 +213,8 @@ class Executor:
         with self._cond:
             self._bound.pop(name, None)
             self._homes.pop(name, None)
+            if self.graphs:
+                self.graphs.drop(name)
 
     def run(self, res: Residency, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Runs the resident model on CPU ``inputs``; returns its outputs as CPU tensors.
@@ -216,8 +226,7 @@ class Executor:
         with self._run_lock:
             try:
                 with torch.inference_mode(), self.device.computing():
-                    args = [t.to(self.device.torch_device, non_blocking=True) for t in inputs]
-                    outputs = [o.to("cpu") for o in flatten(res.module(*args))]
+                    outputs = self._run(res, inputs)
                     self.device.synchronize()
             except torch.AcceleratorError as exc:
                 self.healthy = False
@@ -226,6 +235,28 @@ class Executor:
             finally:
                 res.gates.settle()
             self.stats.runs += 1
+        return outputs
+
+    def _run(self, res: Residency, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        key = self.graphs.key(res.model, res.region.offset, inputs) if self.graphs else None
+        pair = self.graphs.get(key) if key else None
+        if res.deferred:
+            res.deferred = False
+            if pair is not None:
+                self.stats.graph_runs += 1
+                return self.graphs.replay(pair, inputs, cold=True)
+            res.gates.swap = SwapIn(self.device, res.model.buffer, self.region_bytes(res), self.group_bytes)
+        elif pair is not None:
+            if res.gates.swap is not None:  # a prefetch still landing: the stream waits for all of it
+                res.gates.swap.wait_all()
+            self.stats.graph_runs += 1
+            return self.graphs.replay(pair, inputs, cold=False)
+        args = [t.to(self.device.torch_device, non_blocking=True) for t in inputs]
+        outputs = [o.to("cpu") for o in flatten(res.module(*args))]
+        if key and res.gates.swap is None and self.graphs.note_eager(key):
+            self.device.synchronize()
+            with self._cond:  # no swap-in may put copies on the copy stream while a capture forks it
+                self.graphs.capture(key, res.module, res.gates, res.model, res.region.offset, inputs)
         return outputs
 
     def snapshot(self) -> dict:
@@ -238,5 +269,6 @@ class Executor:
                 "resident": {n: {"bytes": r.model.nbytes, "in_use": r.in_use, "offset": r.region.offset}
                              for n, r in self.resident.items()},
                 "swap_ins": self.stats.swap_ins, "swap_in_bytes": self.stats.swap_in_bytes,
-                "evictions": self.stats.evictions, "runs": self.stats.runs,
+                "evictions": self.stats.evictions, "runs": self.stats.runs, "graph_runs": self.stats.graph_runs,
+                **(self.graphs.stats() if self.graphs else {}),
             }

@@ -40,15 +40,16 @@ class Node:
         group_bytes: copy group size for pipelined swap-ins, bytes.
         policy: scheduling policy name (``torpor``, ``lru``...; placement.POLICY_NAMES).
         topology: links between the devices (default: each device its own host link, no NVLink).
+        graphs: capture CUDA graphs of resident models (graphs.py).
     """
 
     def __init__(self, store: ModelStore, devices: list[Device], group_bytes: int, policy: str = "torpor",
-                 topology: topo.Topology | None = None):
+                 topology: topo.Topology | None = None, graphs: bool = True):
         self.store = store
         self.policy = Policy(policy)
         self.predictor = Predictor()
         self.topology = topology or topo.cpu_topology(len(devices))
-        self.executors = [Executor(d, eviction_cost=self._eviction_cost, group_bytes=group_bytes) for d in devices]
+        self.executors = [Executor(d, eviction_cost=self._eviction_cost, group_bytes=group_bytes, graphs=graphs) for d in devices]
         self._choose_lock = threading.Lock()
         self._routed: Counter[tuple[int, str]] = Counter()  # (device, model) → requests routed, not finished
 
@@ -61,9 +62,7 @@ class Node:
             i = ex.device.index
             resident = {}
             for name, res in dict(ex.resident).items():
-                swap = res.gates.swap
-                resident[name] = ResidentModel(name, res.model.nbytes, res.last_used, res.in_use,
-                                               loading=swap is not None and not swap.done())
+                resident[name] = ResidentModel(name, res.model.nbytes, res.last_used, res.in_use, loading=res.landing)
             routed = {m: n for (d, m), n in dict(self._routed).items() if d == i}
             kind = ex.device.name
             out.append(DeviceState(
@@ -133,10 +132,11 @@ class Node:
             if not self._routed[key]:
                 del self._routed[key]
 
-    def _acquire(self, ex: Executor, source: Executor | None, model: HostModel, timeout_s: float) -> tuple[Residency, bool, Residency | None]:
+    def _acquire(self, ex: Executor, source: Executor | None, model: HostModel, timeout_s: float,
+                 prefetch: bool = False) -> tuple[Residency, bool, Residency | None]:
         pinned = source.pin(model.name) if source is not None else None
         try:
-            res, swapped = ex.acquire(model, timeout_s, source.region_bytes(pinned) if pinned else None)
+            res, swapped = ex.acquire(model, timeout_s, source.region_bytes(pinned) if pinned else None, prefetch)
         except BaseException:
             if pinned:
                 source.release(pinned)
@@ -181,7 +181,7 @@ class Node:
         model = self.store.get(name)
         ex, source = self.choose(model, hint)
         try:
-            res, _, pinned = self._acquire(ex, source, model, timeout_s)
+            res, _, pinned = self._acquire(ex, source, model, timeout_s, prefetch=True)
             if pinned:
                 if res.gates.swap is not None:  # the peer copy must land before its source may be evicted
                     res.gates.swap.events[-1].synchronize()

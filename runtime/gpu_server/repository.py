@@ -120,6 +120,8 @@ def build(spec: ModelSpec) -> nn.Module:
         raise
     except Exception as exc:  # the loaders raise many types; all mean "this model does not load"
         raise ModelLoadError(f"model {spec.name} does not load: {type(exc).__name__}: {exc}") from exc
+    if spec.format == "export":  # the export fixed the mode; its module refuses .eval()
+        return module.requires_grad_(False)
     return module.eval().requires_grad_(False) if isinstance(module, nn.Module) else module
 
 

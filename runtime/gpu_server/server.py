@@ -15,18 +15,28 @@ import click
 import numpy as np
 import torch
 
-from runtime.gpu_server import protocol
+from runtime.gpu_server import protocol, tokens
 from runtime.gpu_server.config import GPUServerSettings
 from runtime.gpu_server.device import discover
 from runtime.gpu_server.executor import DeviceFault, NoRoom
+from runtime.gpu_server.health import HealthServer
+from runtime.gpu_server.metrics import ServerMetrics
 from runtime.gpu_server.node import NoHealthyDevice, Node
+from runtime.gpu_server.programs import ProgramError, ProgramRegistry
 from runtime.gpu_server.repository import ModelLoadError, Repository
 from runtime.gpu_server.store import ModelStore
 from runtime.gpu_server.topology import bus_id, cpu_topology
 from runtime.gpu_server.topology import discover as discover_topology
+from runtime.log_format import LogSettings, configure_from_kwargs
 from runtime.settings import from_kwargs, options
 
 log = logging.getLogger("torpor.gpu_server")
+
+# Ops a function token may use (on its own models); every other op but health needs the
+# admin token when the node has a secret (docs/faults.md, case 11).
+FUNCTION_OPS = frozenset({"infer", "prefetch", "register_program"})
+OPEN_OPS = frozenset({"health"})
+GPU_ALIVE_MIN_MS = 1500  # the TTL of torpor:node:{id}:gpu is 3 publish periods, at least this
 
 
 class RequestError(Exception):
@@ -64,13 +74,48 @@ class Service:
     def __init__(self, node: Node, settings: GPUServerSettings):
         self.node = node
         self.settings = settings
+        self.metrics = ServerMetrics(node)
+        self.programs = ProgramRegistry(node.store.repository, settings.max_program_bytes)
 
     def handle(self, header: dict, payload: bytes, attached: dict) -> tuple[dict, bytes]:
+        self._authorize(header)
         op = header.get("op")
+        if op == "register_program":  # the one op whose request carries a payload
+            return self.op_register_program(header, payload)
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
             raise RequestError(400, "bad_request", f"unknown op {op!r}")
         return handler(header, attached)
+
+    def _authorize(self, header: dict) -> None:
+        """Checks the caller's ``token`` against the op and its model when the node has a secret.
+
+        Raises:
+            RequestError: 403 ``forbidden`` for a missing or invalid token, a function token
+                asking for an admin op, or a function token naming a model that is not its
+                action's (nor one of the programs its action registered).
+        """
+        secret = self.settings.node_secret
+        op = header.get("op")
+        if not secret or op in OPEN_OPS:
+            return
+        token = header.get("token")
+        if not isinstance(token, str) or not token:
+            raise RequestError(403, "forbidden", f"op {op!r} needs a token: this GPU server checks its callers")
+        try:
+            claims = tokens.verify(secret, token)
+        except tokens.TokenError as exc:
+            raise RequestError(403, "forbidden", f"invalid token: {exc}") from None
+        if claims.get("admin"):
+            return
+        action = f"{claims['ns']}/{claims['action']}"
+        if op not in FUNCTION_OPS:
+            raise RequestError(403, "forbidden", f"action {action} may not use op {op!r}: a function token "
+                               f"allows {', '.join(sorted(FUNCTION_OPS))} of the action's own models")
+        model = header.get("model")
+        if isinstance(model, str) and not tokens.allows(claims, model):  # a malformed name gets its 400 later
+            raise RequestError(403, "forbidden", f"action {action} may not use model {model!r}: its models are "
+                               f"{', '.join(claims['models']) or 'none'} (annotation 'model')")
 
     def _model_name(self, header: dict) -> str:
         name = header.get("model")
@@ -133,6 +178,7 @@ class Service:
             raise RequestError(500, "device_fault", str(exc)) from None
         except (IndexError, ValueError) as exc:
             raise RequestError(400, "bad_input", f"model {name} rejected its input: {exc}") from None
+        self.metrics.inference_done(name, info, time.perf_counter() - started)
         arrays_out = [o.numpy() for o in outputs]
         start = max(int(e["offset"]) + int(e["nbytes"]) for e in entries) if entries else 0
         out_entries, end = protocol.describe(arrays_out, start)
@@ -163,6 +209,17 @@ class Service:
         model = self._load(name)
         return {"ok": True, "model": name, "bytes": model.nbytes}, b""
 
+    def op_register_program(self, header: dict, payload: bytes) -> tuple[dict, bytes]:
+        name = self._model_name(header)
+        try:
+            created = self.programs.register(name, header.get("digest"), header.get("inputs"), payload)
+        except ProgramError as exc:
+            raise RequestError(exc.status, exc.code, str(exc)) from None
+        if created:
+            log.info("registered program %s (%d bytes)", name, len(payload))
+        model = self._load(name)
+        return {"ok": True, "model": name, "digest": header["digest"], "bytes": model.nbytes, "created": created}, b""
+
     def op_unregister(self, header: dict, attached: dict) -> tuple[dict, bytes]:
         self.node.forget(self._model_name(header))
         return {"ok": True}, b""
@@ -186,12 +243,14 @@ class _Handler(socketserver.BaseRequestHandler):
         try:
             while True:
                 try:
-                    header, payload = protocol.recv(self.request, service.settings.max_input_bytes)
+                    header, payload = protocol.recv(self.request, max(service.settings.max_input_bytes,
+                                                                      service.settings.max_program_bytes))
                 except (ConnectionError, OSError):
                     return
                 except protocol.ProtocolError as exc:
-                    protocol.send(self.request, {"ok": False, "status": 400, "code": "bad_request", "error": str(exc)})
+                    _reply(self.request, {"ok": False, "status": 400, "code": "bad_request", "error": str(exc)})
                     return
+                began = time.perf_counter()
                 try:
                     reply, data = service.handle(header, payload, attached)
                 except RequestError as exc:
@@ -199,38 +258,93 @@ class _Handler(socketserver.BaseRequestHandler):
                 except Exception as exc:  # a bug or a model fault must not kill the connection thread silently
                     log.exception("request %s failed", header.get("op"))
                     reply, data = {"ok": False, "status": 500, "code": "internal", "error": f"{type(exc).__name__}: {exc}"}, b""
-                protocol.send(self.request, reply, data)
+                sent = _reply(self.request, reply, data)
+                _account(service, header, reply, time.perf_counter() - began)
+                if not sent:
+                    return
         finally:
             for shm in attached.values():
                 shm.close()
 
 
+def _account(service: Service, header: dict, reply: dict, seconds: float) -> None:
+    """Counts one answered request and logs it at debug level (op, model, status, device, path, ms)."""
+    op = header.get("op")
+    op = op if isinstance(op, str) and hasattr(service, f"op_{op}") else "unknown"  # bounded label values
+    status = 200 if reply.get("ok") else reply.get("status", 500)
+    service.metrics.request_done(op, status)
+    if log.isEnabledFor(logging.DEBUG):
+        fields = {"op": op, "model": header.get("model"), "status": status, "device": reply.get("device"),
+                  "path": reply.get("path"), "ms": round(seconds * 1e3, 3)}
+        where = "".join(f", {k} {fields[k]}" for k in ("device", "path") if fields[k] is not None)
+        log.debug("%s %s: %s in %.1f ms%s", op, fields["model"], status, fields["ms"], where, extra={"fields": fields})
+
+
+def _reply(sock, reply: dict, data: bytes = b"") -> bool:
+    """Sends a reply; False when the caller is gone (it gave up or was killed: the work it
+    asked for was done into the void, and nothing else is owed to it)."""
+    try:
+        protocol.send(sock, reply, data)
+        return True
+    except OSError:
+        return False
+
+
 class Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
+    # socketserver's default backlog of 5 turns a burst of action containers connecting at
+    # once (cold starts) into EAGAIN, i.e. spurious 503s; the kernel caps it at somaxconn
+    request_queue_size = 4096
 
-    def __init__(self, path: str, service: Service, mode: int):
+    def __init__(self, path: str, service: Service, mode: int, group: str = ""):
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         if os.path.exists(path):
             os.unlink(path)
-        super().__init__(path, _Handler)
+        gid = _group_id(group) if group else -1
+        # the socket is born owner-only: nobody connects before its mode and group are set
+        umask = os.umask(0o177)
+        try:
+            super().__init__(path, _Handler)
+        finally:
+            os.umask(umask)
+        os.chown(path, -1, gid)
         os.chmod(path, mode)
         self.service = service
 
 
+def _group_id(group: str) -> int:
+    """The id of ``group`` (a name or a number).
+
+    Raises:
+        click.BadParameter: no such group.
+    """
+    import grp
+
+    try:
+        return int(group) if group.isdigit() else grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise click.BadParameter(f"no group {group!r}", param_hint="--socket-group") from None
+
+
 def publish(node: Node, settings: GPUServerSettings, stop: threading.Event) -> None:
-    """Writes each device's state to ``torpor:node:{id}:device:{k}`` until ``stop`` is set."""
+    """Writes each device's state to ``torpor:node:{id}:device:{k}``, and this server's
+    liveness key ``torpor:node:{id}:gpu`` (its pid, expiring after three periods), until
+    ``stop`` is set. The invoker withholds the node from scheduling while that key is gone."""
     import redis
 
     client = redis.Redis.from_url(settings.redis_url)
+    alive_ms = max(GPU_ALIVE_MIN_MS, int(3000 * settings.publish_interval_s))
     while not stop.is_set():
         try:
             pipe = client.pipeline()
+            pipe.set(f"torpor:node:{settings.node_id}:gpu", os.getpid(), px=alive_ms)
             snaps = [e.snapshot() for e in node.executors]
             for s in snaps:
                 pipe.hset(f"torpor:node:{settings.node_id}:device:{s['device']}", mapping={
                     "resident": json.dumps(sorted(s["resident"])), "arena_bytes": s["arena_bytes"],
                     "used_bytes": s["used_bytes"], "queue": s["queue"], "healthy": int(s["healthy"]),
-                    "kind": s["kind"], "name": s["name"], "swap_ins": s["swap_ins"], "evictions": s["evictions"]})
+                    "kind": s["kind"], "name": s["name"], "swap_ins": s["swap_ins"], "evictions": s["evictions"],
+                    "fault": s["fault"], "updated": int(time.time() * 1000)})
             pipe.hset(f"torpor:node:{settings.node_id}", "devices", json.dumps(
                 [{"device": s["device"], "name": s["name"], "kind": s["kind"], "arena_bytes": s["arena_bytes"]} for s in snaps]))
             pipe.execute()
@@ -243,9 +357,10 @@ def serve(settings: GPUServerSettings) -> None:
     """Runs the GPU server until SIGTERM/SIGINT."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    # full fp32: served outputs must equal native fp32 execution, which TF32 would not
+    # full fp32 by default: served outputs then equal native fp32 execution on any device;
+    # TF32 convolutions (PyTorch's own default) are faster and differ by ~1e-3 relative
     torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = settings.cudnn_tf32
     devices = discover(settings.cpu_devices, settings.device_memory, settings.arena_bytes)
     store = ModelStore(Repository(settings.model_repo), pin=any(d.is_cuda for d in devices))
     if any(d.is_cuda for d in devices):
@@ -253,11 +368,15 @@ def serve(settings: GPUServerSettings) -> None:
         topology = discover_topology([bus_id(p.pci_domain_id, p.pci_bus_id, p.pci_device_id) for p in props])
     else:
         topology = cpu_topology(len(devices))
-    node = Node(store, devices, settings.group_bytes, settings.policy, topology)
-    server = Server(settings.socket, Service(node, settings), int(settings.socket_mode, 8))
+    node = Node(store, devices, settings.group_bytes, settings.policy, topology, settings.cuda_graphs)
+    server = Server(settings.socket, Service(node, settings), int(settings.socket_mode, 8), settings.socket_group)
     stop = threading.Event()
     if settings.redis_url:
         threading.Thread(target=publish, args=(node, settings, stop), daemon=True).start()
+    health = None
+    if settings.metrics_port:
+        health = HealthServer(node, server.service.metrics.registry, settings.model_repo, settings.metrics_host,
+                              settings.metrics_port, settings.probe_timeout_s).start()
 
     def shutdown(*_):
         stop.set()
@@ -267,9 +386,14 @@ def serve(settings: GPUServerSettings) -> None:
     signal.signal(signal.SIGINT, shutdown)
     log.info("serving %d device(s) on %s: %s", len(devices), settings.socket,
              ", ".join(f"{d.index}:{d.name} arena {d.arena_bytes / 2**20:.0f} MiB" for d in devices))
+    if not settings.node_secret:
+        log.warning("no node secret (TORPOR_NODE_SECRET): every process that can open %s may use every model "
+                    "and admin op; set one outside tests and development", settings.socket)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:
+        if health is not None:
+            health.stop()
         server.server_close()
         if os.path.exists(settings.socket):
             os.unlink(settings.socket)
@@ -277,7 +401,8 @@ def serve(settings: GPUServerSettings) -> None:
 
 @click.command("gpu-server")
 @options(GPUServerSettings)
+@options(LogSettings)
 def command(**kwargs) -> None:
     """Run the node's GPU server (the only process that touches CUDA)."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s gpu-server %(levelname)s %(message)s")
+    configure_from_kwargs(kwargs, "gpu-server")
     serve(from_kwargs(GPUServerSettings, kwargs))

@@ -20,6 +20,9 @@ class InvokerSettings:
     pool_size: int = setting(64, "TORPOR_INVOKER_POOL_SIZE", "activations run at once on this node")
     max_containers_per_action: int = setting(4, "TORPOR_INVOKER_MAX_CONTAINERS",
                                              "warm runtime processes kept per action at most")
+    max_containers: int = setting(128, "TORPOR_INVOKER_NODE_CONTAINERS",
+                                  "runtime processes on this node at most, all actions together (each holds "
+                                  "~60-80 MB); the least recently used idle one is stopped to make room")
     idle_timeout_s: float = setting(600.0, "TORPOR_INVOKER_IDLE_TIMEOUT",
                                     "an unused runtime process is stopped after this long", "s")
     container_start_timeout_s: float = setting(30.0, "TORPOR_INVOKER_START_TIMEOUT",
@@ -28,3 +31,9 @@ class InvokerSettings:
                                       "on stop, time running activations get to finish before re-queueing", "s")
     http_host: str = setting("127.0.0.1", "TORPOR_INVOKER_HOST", "address of the /healthz and /readyz server")
     http_port: int = setting(0, "TORPOR_INVOKER_PORT", "port of the /healthz and /readyz server; 0: no server")
+    node_secret: str = setting("", "TORPOR_NODE_SECRET",
+                               "secret shared with this node's GPU server: signs the token each action gets "
+                               "(empty: the GPU server checks nothing; tests and development only)")
+    max_payload_bytes: int = setting(1048576, "TORPOR_MAX_PAYLOAD_BYTES",
+                                     "largest activation parameters, the controller's limit too; given to "
+                                     "action runtimes, whose /run refuses more", "bytes")

@@ -31,6 +31,7 @@ from runtime.redis_server import free_port
 log = logging.getLogger(__name__)
 
 SENTINEL = "XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
+SHM_DIR = Path("/dev/shm")
 MAX_RESULT_BYTES = 1024 * 1024
 _TRUNCATED = "Logs were truncated because the total bytes size exceeds the limit of {} bytes."
 # Env vars that configure `torpor runtime` and may pass from the invoker's environment to it;
@@ -76,13 +77,17 @@ def runtime_command() -> list[str]:
     return [found, "runtime"]
 
 
-def runtime_env(gpu_socket: str, api_host: str) -> dict[str, str]:
+def runtime_env(gpu_socket: str, api_host: str, max_payload_bytes: int | None = None) -> dict[str, str]:
     """Environment of an action runtime: the invoker's own, less Torpor's and OpenWhisk's
-    variables (except the runtime's own settings), plus the GPU server socket and API host."""
+    variables (except the runtime's own settings), plus the GPU server socket, the API host and
+    the invoker's payload limit (bytes; the same ``TORPOR_MAX_PAYLOAD_BYTES`` setting). The
+    node secret is never passed: an action gets its own token at ``/init`` instead."""
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TORPOR_", "__OW_")) or k.startswith(_RUNTIME_ENV)}
     env.update({"TORPOR_GPU_SOCKET": gpu_socket, "__OW_API_HOST": api_host, "PYTHONUNBUFFERED": "1",
                 "TORPOR_RUNTIME_HOST": "127.0.0.1"})
+    if max_payload_bytes is not None:
+        env["TORPOR_MAX_PAYLOAD_BYTES"] = str(max_payload_bytes)
     return env
 
 
@@ -216,6 +221,30 @@ class LogStream:
     def join(self, timeout: float) -> None:
         """Waits up to ``timeout`` seconds for EOF."""
         self._thread.join(timeout)
+
+
+def group_pids(pgid: int) -> list[int]:
+    """Ids of the processes in process group ``pgid``, read from ``/proc`` (Linux)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            # fields after the parenthesised command: state, ppid, pgrp, ...
+            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
+                pids.append(int(entry.name))
+        except (OSError, IndexError, ValueError):
+            continue
+    return pids
+
+
+def remove_segments(pids: list[int]) -> None:
+    """Unlinks the shared-memory segments ``runtime.client`` created in processes ``pids``
+    (``/dev/shm/torpor-{pid}-*``): a killed process cannot unlink its own, and the GPU server
+    never unlinks a client's segment (it may still be mapped there, which unlinking allows)."""
+    for pid in pids:
+        for segment in SHM_DIR.glob(f"torpor-{pid}-*"):
+            segment.unlink(missing_ok=True)
 
 
 _ports_lock = threading.Lock()
@@ -361,11 +390,12 @@ class Container:
 
     def kill(self, grace_s: float = 0.0) -> None:
         """Stops the process group: SIGTERM and up to ``grace_s`` seconds, then SIGKILL; removes
-        the working folder. Safe to call twice."""
+        the working folder and the shared-memory segments its processes left. Safe to call twice."""
         with self._kill_lock:
             if self._stopped:
                 return
             self._stopped = True
+        members = group_pids(self.proc.pid)  # read before the signals: dead processes leave /proc
         if grace_s > 0 and self.proc.poll() is None:
             self._signal(signal.SIGTERM)
             try:
@@ -377,6 +407,7 @@ class Container:
         self.proc.wait()
         self._session.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
+        remove_segments(members)
         with _ports_lock:
             _ports_in_use.discard(self.port)
 
@@ -398,14 +429,17 @@ class ContainerPool:
         max_per_action: containers (warm or starting) per action at most; further
             activations wait for a free one.
         idle_timeout_s: a container unused this long is stopped (s).
+        max_total: containers of all actions together at most; at the cap a new container
+            replaces the least recently used idle one, or waits for one to become idle.
     """
 
     def __init__(self, command: list[str], env: dict[str, str], start_timeout_s: float = 30.0,
-                 max_per_action: int = 4, idle_timeout_s: float = 600.0):
+                 max_per_action: int = 4, idle_timeout_s: float = 600.0, max_total: int = 128):
         self._command = command
         self._env = env
         self._start_timeout_s = start_timeout_s
         self._max = max(1, max_per_action)
+        self._max_total = max(1, max_total)
         self._idle_timeout_s = idle_timeout_s
         self._cond = threading.Condition()
         self._warm: dict[tuple[str, str, str], list[Container]] = {}
@@ -447,8 +481,14 @@ class ContainerPool:
                     self._forget(c)
                 stale += dead
                 if len(self._warm.get(key, [])) + self._starting.get(key, 0) < self._max:
-                    self._starting[key] = self._starting.get(key, 0) + 1
-                    break
+                    if self._total() >= self._max_total:
+                        victim = self._least_recently_used_idle()
+                        if victim is not None:
+                            self._forget(victim)
+                            stale.append(victim)
+                    if self._total() < self._max_total:
+                        self._starting[key] = self._starting.get(key, 0) + 1
+                        break
                 self._cond.wait(1.0)
         for c in stale:
             c.kill()
@@ -501,6 +541,13 @@ class ContainerPool:
             self._cond.notify_all()
         if stop:
             container.kill()
+
+    def _total(self) -> int:
+        return sum(len(cs) for cs in self._warm.values()) + sum(self._starting.values())
+
+    def _least_recently_used_idle(self) -> Container | None:
+        idle = [c for cs in self._warm.values() for c in cs if c.active == 0]
+        return min(idle, key=lambda c: c.last_used, default=None)
 
     def _forget(self, container: Container) -> None:
         containers = self._warm.get(container.spec.key, [])

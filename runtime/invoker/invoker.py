@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import click
@@ -24,12 +24,16 @@ import redis
 import requests
 
 from controller_plugin import state
+from controller_plugin.api import models_of
+from controller_plugin.routing import NodePicker
 from controller_plugin.state import APPLICATION_ERROR, DEVELOPER_ERROR, SUCCESS, WHISK_ERROR
+from runtime.gpu_server import tokens
 from runtime.invoker.config import InvokerSettings
 from runtime.invoker.containers import (
     MAX_RESULT_BYTES, ActionSpec, Container, ContainerError, ContainerPool, InitError, PoolClosed,
     runtime_command, runtime_env,
 )
+from runtime.log_format import LogSettings, configure_from_kwargs
 from runtime.settings import from_kwargs, options
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,21 @@ HEARTBEAT_S = 1.0
 POLL_S = 1.0
 PREFETCH_THREADS = 4
 PREFETCH_TIMEOUT_S = 10.0
+GPU_PROBE_TIMEOUT_S = 1.0
+# In-flight messages no worker here runs are looked for after every Redis failure, and this
+# often anyway (a move whose answer a crash swallowed leaves no error behind).
+ORPHAN_SCAN_S = 10.0
+# Longest pause between two tries to store a final record while Redis is unreachable.
+FINISH_RETRY_MAX_S = 2.0
+# Moves one message from in flight back to the queue only if it is still in flight, so that a
+# message a worker finishes at the same moment is not run again.
+RECLAIM_LUA = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
+  redis.call('RPUSH', KEYS[2], ARGV[1])
+  return 1
+end
+return 0
+"""
 DEFAULT_LIMITS = {"timeout": 60000, "memory": 256, "logs": 10, "concurrency": 1}
 
 
@@ -57,6 +76,10 @@ class Outcome:
     logs: list[str] = field(default_factory=list)
     init_ms: float | None = None
     timed_out: bool = False
+
+
+class _Redispatched(Exception):
+    """The message was queued on another node; this node drops it without a record."""
 
 
 class _Requeue(Exception):
@@ -95,23 +118,33 @@ def action_parameters(action: dict) -> tuple[dict, dict[str, str]]:
     return run, env
 
 
-def action_spec(namespace: str, name: str, action: dict, raw: bytes, timeout_ms: int) -> ActionSpec:
+def action_spec(namespace: str, name: str, action: dict, raw: bytes, timeout_ms: int,
+                node_secret: str = "") -> ActionSpec:
     """What the container pool needs from the action record ``raw`` (OpenWhisk shape, parsed
     as ``action``) of ``namespace``/``name``; ``timeout_ms`` is the activation's time limit.
+    With a ``node_secret`` the init env holds ``TORPOR_FUNCTION_TOKEN``, the action's token
+    for the models of its ``model`` annotation (``runtime.gpu_server.tokens``).
 
     Raises:
-        ValueError: the record has no ``exec`` object or non-numeric limits.
+        ValueError: the record has no ``exec`` object, non-numeric limits or a malformed
+            ``model`` annotation.
     """
     exec_ = action.get("exec")
     if not isinstance(exec_, dict):
         raise ValueError("the action record has no exec object")
     limits = action_limits(action)
     _, env = action_parameters(action)
+    if node_secret:
+        models = models_of(action.get("annotations") or [])
+        env = {**env, "TORPOR_FUNCTION_TOKEN": tokens.function_token(node_secret, namespace, name, models)}
     return ActionSpec(
         namespace=namespace, name=name, version=str(action.get("version")),
         digest=hashlib.blake2b(raw, digest_size=16).hexdigest(),
+        # as OpenWhisk's invoker does, the action's identity is in the env at import time
+        # (runtime.remote names the action's own models with it)
         init={"name": name, "main": exec_.get("main") or "main", "code": exec_.get("code") or "",
-              "binary": bool(exec_.get("binary")), "env": env},
+              "binary": bool(exec_.get("binary")),
+              "env": {"__OW_NAMESPACE": namespace, "__OW_ACTION_NAME": f"/{namespace}/{name}", **env}},
         timeout_ms=int(timeout_ms), concurrency=max(1, int(limits["concurrency"])),
         log_limit_bytes=int(float(limits["logs"]) * 1024 * 1024),
     )
@@ -156,10 +189,25 @@ class Invoker:
         self.queue_key, self.inflight_key = state.queue_key(node_id), state.inflight_key(node_id)
         # Runtimes run in their own working folders, so a relative socket path would not reach.
         self.gpu_socket = os.path.abspath(settings.gpu_socket) if settings.gpu_socket else ""
-        self.pool = ContainerPool(command or runtime_command(), runtime_env(self.gpu_socket, settings.api_host),
+        self.pool = ContainerPool(command or runtime_command(),
+                                  runtime_env(self.gpu_socket, settings.api_host, settings.max_payload_bytes),
                                   start_timeout_s=settings.container_start_timeout_s,
                                   max_per_action=settings.max_containers_per_action,
-                                  idle_timeout_s=settings.idle_timeout_s)
+                                  idle_timeout_s=settings.idle_timeout_s, max_total=settings.max_containers)
+        self.gpu_alive_key = f"{self.node_key}:gpu"
+        self._admin_token = tokens.admin_token(settings.node_secret) if settings.node_secret else ""
+        self._picker = NodePicker(self.redis)
+        self._reclaim = self.redis.register_script(RECLAIM_LUA)
+        # GPU server liveness as the invoker last saw it: None until its key was first seen
+        # (a node without a GPU server, or one still starting, keeps taking work)
+        self._gpu_up: bool | None = None
+        self._gpu_outages = 0
+        self._gpu_lock = threading.Lock()
+        # messages BLMOVEd by this process and not yet finished; anything else in flight after
+        # a Redis failure is an orphan to put back on the queue
+        self._active: set[bytes] = set()
+        self._active_lock = threading.Lock()
+        self._rescan = threading.Event()
         self._executor = ThreadPoolExecutor(max(1, settings.pool_size), thread_name_prefix="activation")
         self._slots = threading.BoundedSemaphore(max(1, settings.pool_size))
         self._stopping = threading.Event()
@@ -243,15 +291,109 @@ class Invoker:
     def _heartbeat_loop(self) -> None:
         while not self._heartbeat_stop.wait(HEARTBEAT_S):
             try:
+                self._watch_gpu()
                 with self.redis.pipeline(transaction=False) as pipe:
-                    pipe.set(self.alive_key, 1, px=ALIVE_TTL_MS)
+                    if self._gpu_up is not False:
+                        pipe.set(self.alive_key, 1, px=ALIVE_TTL_MS)
+                    if self._gpu_up is not None:
+                        pipe.hset(self.node_key, "gpu_server", "up" if self._gpu_up else "down")
                     pipe.hset(self.node_key, "last_seen", now_ms())
                     pipe.execute()
             except redis.RedisError as exc:
                 log.warning("heartbeat failed: %s", exc)
 
+    # --- the node's GPU server -------------------------------------------------------------
+
+    def _watch_gpu(self) -> None:
+        """Follows the GPU server's liveness key ``torpor:node:{id}:gpu`` (its publisher renews
+        it every half second, so it lapses within 1.5 s of a crash).
+
+        Raises:
+            redis.RedisError: Redis unreachable.
+        """
+        if not self.gpu_socket:
+            return
+        if self.redis.exists(self.gpu_alive_key):
+            self._gpu_state(True, "its liveness key is back")
+        elif self._gpu_up is not None:
+            self._gpu_state(False, "its liveness key lapsed")
+
+    def _gpu_state(self, up: bool, why: str) -> None:
+        """Records that the GPU server is ``up`` or not. While it is down the node's alive key
+        is withheld, so the controller routes no work here; the node hash's ``gpu_server``
+        field says ``up`` or ``down``. A Redis failure here is only logged: the heartbeat
+        writes the same state again."""
+        with self._gpu_lock:
+            if up == self._gpu_up:
+                return
+            seen_before = self._gpu_up is not None
+            self._gpu_up = up
+            if not up:
+                self._gpu_outages += 1
+        if up and seen_before:
+            log.warning("GPU server of node %s is back (%s): taking work again", self.settings.node_id, why)
+        elif not up:
+            log.warning("GPU server of node %s is down (%s): no work is routed here until it is back",
+                        self.settings.node_id, why)
+        try:
+            with self.redis.pipeline(transaction=True) as pipe:
+                pipe.hset(self.node_key, mapping={"gpu_server": "up" if up else "down", "gpu_changed": now_ms()})
+                if up:
+                    pipe.set(self.alive_key, 1, px=ALIVE_TTL_MS)
+                else:
+                    # the GPU server's own key too: it comes back only with a live server
+                    pipe.delete(self.alive_key, self.gpu_alive_key)
+                pipe.execute()
+        except redis.RedisError as exc:
+            log.warning("could not record the GPU server's state: %s", exc)
+
+    def _gpu_reachable(self) -> bool:
+        """Whether the GPU server answers ``health`` within a second."""
+        from runtime.client import GPUServerClient, ModelError
+
+        client = GPUServerClient(self.gpu_socket, token=self._admin_token, timeout_s=GPU_PROBE_TIMEOUT_S)
+        try:
+            client.health()
+            return True
+        except ModelError:
+            return False
+        finally:
+            client.close()
+
+    def _gpu_lost(self, outages_before: int) -> bool:
+        """Whether the GPU server went away since ``_gpu_outages`` was ``outages_before``: it is
+        unreachable now (then it is marked down at once) or was down at some point since."""
+        if not self._gpu_reachable():
+            self._gpu_state(False, "a model call of an action found it unreachable")
+            return True
+        return self._gpu_outages != outages_before
+
+    def _after_gpu_loss(self, msg: dict, outcome: Outcome) -> Outcome:
+        """An activation that failed because the GPU server went away: dispatched once more
+        (to a node that is alive, which this one is not while its GPU server is down), else
+        ended as a whisk internal error saying so.
+
+        Raises:
+            _Redispatched: another node has the message now.
+        """
+        attempt = int(msg.get("attempt") or 1)
+        if attempt < 2:
+            node = self._picker.dispatch({**msg, "attempt": attempt + 1})
+            if node is not None:
+                log.warning("activation %s failed as the GPU server went away: retried on node %s",
+                            msg["activationId"], node)
+                raise _Redispatched()
+        failure = outcome.result.get("error") if isinstance(outcome.result, dict) else None
+        return _error(WHISK_ERROR, f"The GPU server of node {self.settings.node_id} became unavailable (503) while "
+                                   f"the action ran, and no other node could take it; the action failed with: {failure}",
+                      logs=outcome.logs, init_ms=outcome.init_ms)
+
     def _consume_loop(self) -> None:
+        scanned = time.monotonic()
         while not self._stopping.is_set():
+            if self._rescan.is_set() or time.monotonic() - scanned > ORPHAN_SCAN_S:
+                self._put_back_orphans()
+                scanned = time.monotonic()
             # A slot per message taken: messages this node cannot start yet stay in its queue.
             if not self._slots.acquire(timeout=POLL_S):
                 continue
@@ -259,22 +401,49 @@ class Invoker:
                 raw = self.redis.blmove(self.queue_key, self.inflight_key, POLL_S, "RIGHT", "LEFT")
             except redis.RedisError as exc:
                 self._slots.release()
+                # the move may have happened with its answer lost: look for it once Redis is back
+                self._rescan.set()
                 log.warning("reading %s failed: %s", self.queue_key, exc)
                 self._stopping.wait(POLL_S)
                 continue
             if raw is None:
                 self._slots.release()
                 continue
+            with self._active_lock:
+                self._active.add(raw)
             with self._running_cond:
                 self._running += 1
             self._executor.submit(self._handle, raw)
 
+    def _put_back_orphans(self) -> None:
+        """After a Redis failure: messages in flight that no worker of this invoker runs (a
+        ``BLMOVE`` whose answer was lost, a worker that stopped on a Redis error) go back to
+        the head of the queue. One whose activation is final by then is dropped when taken."""
+        self._rescan.clear()
+        try:
+            for raw in self.redis.lrange(self.inflight_key, 0, -1):
+                with self._active_lock:
+                    busy = raw in self._active
+                if not busy and self._reclaim(keys=[self.inflight_key, self.queue_key], args=[raw]):
+                    log.warning("put back an orphaned activation message %r", raw[:120])
+        except redis.RedisError as exc:
+            self._rescan.set()
+            log.warning("looking for orphaned activation messages failed: %s", exc)
+
     def _handle(self, raw: bytes) -> None:
+        failed_on_redis = False
         try:
             self._process(raw)
+        except redis.RedisError as exc:
+            failed_on_redis = True
+            log.warning("activation message %r stays in flight, Redis failed: %s", raw[:120], exc)
         except Exception:
             log.exception("activation message %r failed", raw[:200])
         finally:
+            with self._active_lock:
+                self._active.discard(raw)
+            if failed_on_redis:  # after the discard, so that the rescan finds the message orphaned
+                self._rescan.set()
             self._slots.release()
             with self._running_cond:
                 self._running -= 1
@@ -292,15 +461,44 @@ class Invoker:
             log.error("dropping a malformed activation message %r: %s", raw[:200], exc)
             self.redis.lrem(self.inflight_key, 1, raw)
             return
+        existing = state.get_activation(self.redis, msg["activationId"])
+        if existing is not None and state.is_final(existing):
+            # a message put back after its record was stored (a crash or a Redis failure
+            # between the two): running it again would run the activation twice
+            log.warning("activation %s is already final: its message is dropped, not run again", msg["activationId"])
+            self.redis.lrem(self.inflight_key, 1, raw)
+            return
         try:
             record = self.run_activation(msg)
         except _Requeue as requeue:
             self._requeue(raw, requeue.message)
             return
-        state.finish_activation(self.redis, record)
-        self.redis.lrem(self.inflight_key, 1, raw)
-        log.info("activation %s of %s/%s: %s in %d ms", msg["activationId"], msg["namespace"], msg["action"],
-                 record["response"]["status"], record["duration"])
+        except _Redispatched:
+            self.redis.lrem(self.inflight_key, 1, raw)
+            return
+        self._store(raw, record)
+
+    def _store(self, raw: bytes, record: dict) -> None:
+        """Stores the final record and drops the message from in flight, trying again while
+        Redis is unreachable (a restart) until the invoker gives up its running work.
+
+        Raises:
+            redis.RedisError: Redis still fails when the invoker stops; the message stays in
+                flight and runs again on the node's next start.
+        """
+        delay = 0.05
+        while True:
+            try:
+                state.finish_activation(self.redis, record)
+                self.redis.lrem(self.inflight_key, 1, raw)
+                return
+            except redis.RedisError as exc:
+                if self._abandon.is_set():
+                    raise
+                log.warning("storing the record of activation %s failed, trying again: %s",
+                            record["activationId"], exc)
+                self._abandon.wait(delay)
+                delay = min(2 * delay, FINISH_RETRY_MAX_S)
 
     def _requeue(self, raw: bytes, msg: dict) -> None:
         with self.redis.pipeline(transaction=True) as pipe:
@@ -315,11 +513,34 @@ class Invoker:
         Raises:
             _Requeue: the message must go back onto the queue (runtime shutting down, or the
                 invoker stopping before it could run).
+            _Redispatched: the GPU server went away during the run and another node took
+                the message.
         """
         start = now_ms()
-        self._prefetch(msg.get("models") or [], msg.get("gpu"))
+        outages = self._gpu_outages
+        prefetches = self._prefetch(msg.get("models") or [], msg.get("gpu"))
         action, outcome = self._execute(msg)
-        return self._record(msg, action, start, outcome)
+        if outcome.status_code != SUCCESS and msg.get("models") and self.gpu_socket and self._gpu_lost(outages):
+            outcome = self._after_gpu_loss(msg, outcome)
+        record = self._record(msg, action, start, outcome)
+        self._log_activation(msg, record, prefetches)
+        return record
+
+    def _log_activation(self, msg: dict, record: dict, prefetches: list[Future]) -> None:
+        """The activation's one log line: id, action, node, GPU (the devices the prefetches
+        chose, when answered by now), wait, init, duration and status; the same as JSON
+        fields with ``--log-format json``."""
+        notes = {a["key"]: a["value"] for a in record["annotations"]}
+        gpus = sorted({f.result() for f in prefetches if f.done() and f.result() is not None}) or None
+        fields = {"event": "activation", "activation_id": record["activationId"], "namespace": record["namespace"],
+                  "action": record["name"], "node": self.settings.node_id, "models": msg.get("models") or [],
+                  "gpu": gpus, "wait_ms": notes.get("waitTime"), "init_ms": notes.get("initTime"),
+                  "duration_ms": record["duration"], "status": record["response"]["status"],
+                  "status_code": record["response"]["statusCode"]}
+        log.info("activation %s %s/%s node %s gpu %s: %s in %d ms (wait %s ms, %s)", fields["activation_id"],
+                 fields["namespace"], fields["action"], fields["node"],
+                 ",".join(map(str, gpus)) if gpus else "-", fields["status"], fields["duration_ms"], fields["wait_ms"],
+                 "warm" if fields["init_ms"] is None else f"init {fields['init_ms']} ms", extra={"fields": fields})
 
     def _execute(self, msg: dict) -> tuple[dict | None, Outcome]:
         ns, name = msg["namespace"], msg["action"]
@@ -330,7 +551,7 @@ class Invoker:
         try:
             action = json.loads(raw)
             timeout_ms = msg.get("timeout_ms") or action_limits(action)["timeout"]
-            spec = action_spec(ns, name, action, raw, timeout_ms)
+            spec = action_spec(ns, name, action, raw, timeout_ms, self.settings.node_secret)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             return None, _error(WHISK_ERROR, f"The action record of {ns}/{name} is malformed: {exc}")
         if msg.get("version") is not None and action.get("version") != msg["version"]:
@@ -404,24 +625,25 @@ class Invoker:
             "logs": outcome.logs, "annotations": annotations, "publish": False,
         }
 
-    def _prefetch(self, models: list[str], gpu: int | None) -> None:
+    def _prefetch(self, models: list[str], gpu: int | None) -> list[Future]:
         """Asks the GPU server to start swapping each model in, on the prefetch threads: the
         activation never waits for the answer. Failures are only logged, since the action's
-        own model call loads the model anyway."""
+        own model call loads the model anyway. Returns the futures of the chosen devices
+        (None for a failed prefetch)."""
         if not models or not self.gpu_socket:
-            return
-        for model in models:
-            self._prefetcher.submit(self._prefetch_one, model, gpu)
+            return []
+        return [self._prefetcher.submit(self._prefetch_one, model, gpu) for model in models]
 
-    def _prefetch_one(self, model: str, gpu: int | None) -> None:
+    def _prefetch_one(self, model: str, gpu: int | None) -> int | None:
         try:
             if self._gpu_client is None:
                 from runtime.client import GPUServerClient
 
-                self._gpu_client = GPUServerClient(self.gpu_socket, timeout_s=PREFETCH_TIMEOUT_S)
-            self._gpu_client.prefetch(model, gpu)
+                self._gpu_client = GPUServerClient(self.gpu_socket, token=self._admin_token, timeout_s=PREFETCH_TIMEOUT_S)
+            return self._gpu_client.prefetch(model, gpu)
         except Exception as exc:
             log.warning("prefetch of %s failed: %s", model, exc)
+            return None
 
     # --- health server ---------------------------------------------------------------------
 
@@ -443,6 +665,8 @@ class Invoker:
                 self.redis.ping()
             except redis.RedisError as exc:
                 return jsonify({"ready": False, "error": f"Redis unreachable: {exc}"}), 503
+            if self._gpu_up is False:
+                return jsonify({"ready": False, "error": f"GPU server unreachable at {self.gpu_socket}"}), 503
             return jsonify({"ready": True, "node": self.settings.node_id, "containers": self.pool.size()})
 
         self._http = make_server(self.settings.http_host, self.settings.http_port, app, threaded=True)
@@ -453,10 +677,11 @@ class Invoker:
 
 @click.command("invoker")
 @options(InvokerSettings)
+@options(LogSettings)
 def command(**kwargs) -> None:
     """Run this node's invoker: consume torpor:node:{id}:queue and run the actions."""
+    configure_from_kwargs(kwargs, "invoker")
     settings = from_kwargs(InvokerSettings, kwargs)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         invoker = Invoker(settings).start()
     except (FileNotFoundError, redis.RedisError) as exc:

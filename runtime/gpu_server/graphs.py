@@ -1,0 +1,181 @@
+"""CUDA graphs of resident models, one pair per (model, arena offset, input signature):
+
+- the *warm* graph replays the model's kernels;
+- the *cold* graph replays the whole cold path — the group copies from pinned host memory
+  on the copy stream, an event per group, and the kernels that wait on those events —
+  so a model that is not resident answers with no Python in the loop (Torpor's cold path
+  reaches the transfer bound only this way; DESIGN.md §3).
+
+Graphs bake in addresses: the weights' (the model's region in the arena, hence the offset in
+the key; the arena gives each model a stable home, so it usually lands there again), the
+host buffer's (pinned, never moved) and the static input/output tensors'. A graph is
+captured the second time a signature runs eagerly (the first run warms up cuDNN and the
+allocator), and replayed from then on; a model whose forward cannot be captured (a host
+sync, data-dependent shapes) stays eager. Captures are thread-local (other devices'
+executors keep running) and hold the executor's lock, so that no swap-in issues copies on
+the copy stream while it is forked into a capture. All graphs of one device share one memory pool
+for activations: they are replayed one at a time (the executor's run lock), and each keeps
+its outputs alive, so no graph's outputs are overwritten by another's replay.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from runtime.gpu_server.device import Device
+from runtime.gpu_server.swap import SwapIn
+
+log = logging.getLogger("torpor.gpu_server.graphs")
+
+Key = tuple
+# copy group sizes tried for each cold graph, bytes; the model's size means one bulk copy
+GROUP_CANDIDATES = (2 << 20, 8 << 20, 32 << 20, 1 << 62)
+
+
+@dataclass
+class GraphPair:
+    """Captured graphs of one key and their static tensors."""
+
+    inputs: list[torch.Tensor]
+    warm: torch.cuda.CUDAGraph
+    warm_outputs: list[torch.Tensor]
+    cold: torch.cuda.CUDAGraph
+    cold_outputs: list[torch.Tensor]
+    capture_ms: float
+    pool_bytes: int
+    group_bytes: int
+    cold_ms: dict[int, float]
+
+
+class GraphCache:
+    """The graphs of one CUDA device, least recently used dropped beyond ``capacity``.
+
+    Args:
+        device: the CUDA device.
+        capacity: graph pairs kept.
+    """
+
+    def __init__(self, device: Device, capacity: int = 256):
+        self.device = device
+        self.capacity = capacity
+        self.pool = torch.cuda.graph_pool_handle()
+        self.pairs: OrderedDict[Key, GraphPair] = OrderedDict()
+        self.seen: Counter[Key] = Counter()
+        self.uncapturable: set[Key] = set()
+
+    @staticmethod
+    def key(model, offset: int, inputs: list[torch.Tensor]) -> Key:
+        """(model identity, arena offset, input shapes and dtypes)."""
+        return (model.name, id(model), offset, tuple((tuple(t.shape), t.dtype) for t in inputs))
+
+    def get(self, key: Key) -> GraphPair | None:
+        pair = self.pairs.get(key)
+        if pair is not None:
+            self.pairs.move_to_end(key)
+        return pair
+
+    def has_cold(self, model, offset: int) -> bool:
+        """Whether some input signature of ``model`` at ``offset`` has a cold graph."""
+        return any(k[1] == id(model) and k[2] == offset for k in self.pairs)
+
+    def cold_for(self, model, offset: int, inputs: list[torch.Tensor]) -> GraphPair | None:
+        return self.get(self.key(model, offset, inputs))
+
+    def replay(self, pair: GraphPair, inputs: list[torch.Tensor], cold: bool) -> list[torch.Tensor]:
+        """Copies ``inputs`` into the static inputs, replays, returns the outputs on the CPU."""
+        for static, x in zip(pair.inputs, inputs):
+            static.copy_(x, non_blocking=True)
+        (pair.cold if cold else pair.warm).replay()
+        return [o.to("cpu") for o in (pair.cold_outputs if cold else pair.warm_outputs)]
+
+    def note_eager(self, key: Key) -> bool:
+        """Counts one eager run of ``key``; True when it is time to capture it."""
+        if key in self.uncapturable or key in self.pairs:
+            return False
+        self.seen[key] += 1
+        return self.seen[key] >= 2
+
+    def capture(self, key: Key, module, gates, model, offset: int, inputs: list[torch.Tensor],
+                group_sizes: tuple[int, ...] = GROUP_CANDIDATES) -> GraphPair | None:
+        """Captures the warm graph of ``key`` and one cold graph per copy group size in
+        ``group_sizes`` (a size >= the model's bytes is one bulk copy), times a few replays of
+        each and keeps the fastest: the group size — pipelined or bulk — is chosen per
+        model, device and input shape from measurement. The model must be resident and
+        landed (replaying a cold graph then rewrites the same bytes). Returns None, and never
+        tries again, when the forward cannot be captured."""
+        dev = self.device
+        started = time.perf_counter()
+        before = torch.cuda.memory_reserved(dev.torch_device)
+        sizes = sorted({min(g, model.nbytes) for g in group_sizes})
+        try:
+            static = [x.to(dev.torch_device) for x in inputs]
+            warm = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(warm, pool=self.pool, stream=dev.compute_stream, capture_error_mode="thread_local"):
+                warm_out = flatten(module(*static))
+            best = None
+            cold_ms = {}
+            for size in sizes:
+                cold, cold_out = self._capture_cold(module, gates, model, offset, static, size)
+                cold_ms[size] = _median_replay_ms(cold, dev)
+                if best is None or cold_ms[size] < cold_ms[best[0]]:
+                    best = (size, cold, cold_out)
+        except Exception as exc:  # capture refuses host syncs, dynamic shapes...: this key stays eager
+            log.info("model %s cannot be captured for %s: %s", model.name, key[3], exc)
+            self.uncapturable.add(key)
+            return None
+        size, cold, cold_out = best
+        pair = GraphPair(static, warm, warm_out, cold, cold_out, (time.perf_counter() - started) * 1e3,
+                         torch.cuda.memory_reserved(dev.torch_device) - before, size, cold_ms)
+        self.pairs[key] = pair
+        while len(self.pairs) > self.capacity:
+            self.pairs.popitem(last=False)
+        return pair
+
+    def _capture_cold(self, module, gates, model, offset: int, static: list[torch.Tensor], group_bytes: int):
+        dev = self.device
+        cold = torch.cuda.CUDAGraph()
+        dst = dev.weights[offset:offset + model.nbytes]
+        with torch.cuda.graph(cold, pool=self.pool, stream=dev.compute_stream, capture_error_mode="thread_local"):
+            dev.copy_stream.wait_stream(dev.compute_stream)  # fork the copy stream into the capture
+            gates.swap = SwapIn(dev, model.buffer, dst, group_bytes, captured=True)
+            try:
+                cold_out = flatten(module(*static))
+            finally:
+                gates.swap = None
+            dev.compute_stream.wait_stream(dev.copy_stream)  # join it back
+        return cold, cold_out
+
+    def drop(self, name: str) -> None:
+        """Forgets every graph of model ``name`` (unregistered or re-registered)."""
+        for key in [k for k in self.pairs if k[0] == name]:
+            del self.pairs[key]
+
+    def stats(self) -> dict:
+        """Graph count, total capture time (ms) and pool growth attributed to captures (bytes)."""
+        return {"graphs": 2 * len(self.pairs), "capture_ms": sum(p.capture_ms for p in self.pairs.values()),
+                "group_bytes": {k[0]: p.group_bytes for k, p in self.pairs.items()},
+                "pool_bytes": sum(p.pool_bytes for p in self.pairs.values())}
+
+
+def _median_replay_ms(graph: torch.cuda.CUDAGraph, dev: Device, reps: int = 3) -> float:
+    times = []
+    for _ in range(reps):
+        dev.compute_stream.synchronize()
+        t = time.perf_counter()
+        graph.replay()
+        dev.compute_stream.synchronize()
+        times.append((time.perf_counter() - t) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def flatten(out) -> list[torch.Tensor]:
+    """A model's output (tensor, or nested tuple/list of tensors) as a flat list."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, (tuple, list)):
+        return [t for o in out for t in flatten(o)]
+    raise TypeError(f"model returned {type(out).__name__}, expected tensors")

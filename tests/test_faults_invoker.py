@@ -1,0 +1,216 @@
+"""The invoker under faults (issue 6, docs/faults.md), against a private redis-server that the
+tests restart and real ``torpor runtime`` processes: orphaned in-flight messages after a Redis
+failure (case 10), a message whose activation is already final (case 10), an activation whose
+GPU server died retried once on another node or failed as such (case 9), and the node-wide
+container cap that keeps hundreds of functions from exhausting the node (case 12)."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+import models
+from controller_plugin import state
+from faults_helpers import GPUServer, wait_until
+from runtime.gpu_server.repository import Repository
+from runtime.invoker.config import InvokerSettings
+from runtime.invoker.containers import ActionSpec, ContainerPool, runtime_command, runtime_env
+from runtime.invoker.invoker import Invoker
+from runtime.redis_server import RedisServer
+
+COUNTER = '''
+import os, time
+def main(args):
+    with open(args["file"], "a") as f:
+        f.write(os.environ["__OW_ACTIVATION_ID"] + "\\n")
+    time.sleep(args.get("sleep", 0))
+    return {"ok": True}
+'''
+CALL = '''
+import os
+import numpy as np
+from runtime.client import Model
+
+def main(args):
+    out = Model("resnet")(np.full((1, 3, 32, 32), 0.5, dtype=np.float32))
+    return {"socket": os.environ["TORPOR_GPU_SOCKET"], "output": out.ravel().tolist()}
+'''
+
+
+@pytest.fixture
+def private_redis(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def invokers(private_redis, tmp_path):
+    started = []
+
+    def start(node: str = "node-a", **overrides) -> Invoker:
+        settings = InvokerSettings(**{"redis_url": private_redis.url, "node_id": node,
+                                      "gpu_socket": str(tmp_path / f"{node}.sock"), **overrides})
+        invoker = Invoker(settings).start()
+        started.append(invoker)
+        return invoker
+
+    yield start
+    for invoker in started:
+        invoker.stop()
+
+
+def put_action(r: redis.Redis, name: str, code: str, models_: list[str] = ()) -> None:
+    record = {"namespace": "guest", "name": name, "version": "0.0.1", "exec": {"kind": "python:3", "code": code},
+              "parameters": [], "annotations": [{"key": "model", "value": list(models_)}] if models_ else [],
+              "limits": {"timeout": 60000, "memory": 256, "logs": 10, "concurrency": 1}, "publish": False,
+              "updated": int(time.time() * 1000)}
+    r.hset("torpor:actions:guest", name, json.dumps(record))
+
+
+def message(name: str, params: dict, models_: list[str] = (), attempt: int = 1) -> dict:
+    now = int(time.time() * 1000)
+    return {"activationId": uuid.uuid4().hex, "namespace": "guest", "action": name, "version": "0.0.1",
+            "params": params, "models": list(models_), "gpu": None, "timeout_ms": None, "deadline": now + 60000,
+            "submitted": now, "attempt": attempt, "subject": "guest", "blocking": True}
+
+
+def record_of(r: redis.Redis, activation_id: str, timeout_s: float = 30) -> dict | None:
+    done = wait_until(lambda: r.exists(f"torpor:activation:{activation_id}:done"), timeout_s)
+    return json.loads(r.get(f"torpor:activation:{activation_id}")) if done else None
+
+
+def runs(path: Path) -> list[str]:
+    return path.read_text().split() if path.exists() else []
+
+
+def test_orphans_of_a_redis_restart_run_once_and_running_work_is_left_alone(private_redis, invokers, tmp_path):
+    r = redis.Redis.from_url(private_redis.url)
+    ran = tmp_path / "ran.txt"
+    invokers()
+    put_action(r, "counter", COUNTER)
+    running = message("counter", {"file": str(ran), "sleep": 3})
+    r.lpush(state.queue_key("node-a"), json.dumps(running))
+    assert wait_until(lambda: running["activationId"] in runs(ran), 20)
+    # a message moved to in flight whose mover never heard back (its answer lost with Redis)
+    orphan = message("counter", {"file": str(ran)})
+    r.lpush(state.inflight_key("node-a"), json.dumps(orphan))
+    port = private_redis.port
+    private_redis.stop()
+    time.sleep(0.3)
+    restarted = RedisServer(private_redis.data_dir, port=port).start()
+    private_redis.proc = restarted.proc  # the fixture stops whichever runs
+    r = redis.Redis.from_url(private_redis.url)
+    # found after the consumer's failed read, well before the periodic scan
+    assert record_of(r, orphan["activationId"], timeout_s=6)["response"]["success"]
+    assert record_of(r, running["activationId"])["response"]["success"]
+    assert sorted(runs(ran)) == sorted([running["activationId"], orphan["activationId"]])
+    assert r.llen(state.inflight_key("node-a")) == 0 and r.llen(state.queue_key("node-a")) == 0
+
+
+def test_a_message_whose_activation_is_final_is_dropped_not_run_again(private_redis, invokers, tmp_path):
+    r = redis.Redis.from_url(private_redis.url)
+    ran = tmp_path / "ran.txt"
+    put_action(r, "counter", COUNTER)
+    finished = message("counter", {"file": str(ran)})
+    action = json.loads(r.hget("torpor:actions:guest", "counter"))
+    pending = state.pending_record(finished["activationId"], action, "guest", finished["submitted"])
+    state.put_pending(r, pending)
+    final = state.final_record(pending, state.SUCCESS, {"first": "run"}, start_ms=pending["start"],
+                               end_ms=pending["start"] + 5)
+    state.finish_activation(r, final)  # stored, but its message went back (say, a crash before LREM)
+    later = message("counter", {"file": str(ran)})
+    for msg in (finished, later):
+        r.lpush(state.queue_key("node-a"), json.dumps(msg))
+    invokers()
+    assert record_of(r, later["activationId"])["response"]["success"]
+    assert wait_until(lambda: r.llen(state.inflight_key("node-a")) == 0, 5)
+    assert runs(ran) == [later["activationId"]]
+    assert json.loads(r.get(f"torpor:activation:{finished['activationId']}"))["response"]["result"] == {"first": "run"}
+
+
+@pytest.fixture
+def two_gpu_servers(private_redis):
+    root = Path("/tmp") / f"torpor-two-{uuid.uuid4().hex[:8]}"
+    root.mkdir()
+    repo = Repository(root / "models")
+    native = models.register(repo, "resnet", "resnet")
+    servers = {}
+    for node in ("node-a", "node-b"):
+        (root / node).mkdir()
+        servers[node] = GPUServer(root / node, repo, devices=1,
+                                  extra=("--redis-url", private_redis.url, "--node-id", node))
+    for server in servers.values():
+        server.start()
+    yield servers, native
+    for server in servers.values():
+        server.stop()
+
+
+def test_an_activation_whose_gpu_server_died_runs_once_more_on_another_node(private_redis, invokers,
+                                                                            two_gpu_servers):
+    servers, native = two_gpu_servers
+    r = redis.Redis.from_url(private_redis.url, decode_responses=True)
+    put_action(r, "call", CALL, ["resnet"])
+    a = invokers("node-a", gpu_socket=servers["node-a"].socket)
+    invokers("node-b", gpu_socket=servers["node-b"].socket)
+    assert wait_until(lambda: r.hget("torpor:node:node-a", "gpu_server") == "up"
+                      and r.hget("torpor:node:node-b", "gpu_server") == "up", 10)
+    servers["node-a"].kill()
+    # taken by node a before its heartbeat noticed: the failed model call is what tells it
+    moved = message("call", {}, ["resnet"])
+    r.lpush(state.queue_key("node-a"), json.dumps(moved))
+    record = record_of(r, moved["activationId"])
+    assert record["response"]["success"], record
+    assert record["response"]["result"]["socket"] == servers["node-b"].socket
+    with models.torch_threads(1):  # as the server runs it: bitwise-equal outputs
+        want = models.native(native, [np.full((1, 3, 32, 32), 0.5, dtype=np.float32)])[0]
+    assert record["response"]["result"]["output"] == want.ravel().tolist()
+    assert r.hget("torpor:node:node-a", "gpu_server") == "down" and not r.exists("torpor:node:node-a:alive")
+    # a second loss of the same activation is final, and says why
+    retried = message("call", {}, ["resnet"], attempt=2)
+    r.lpush(state.queue_key("node-a"), json.dumps(retried))
+    record = record_of(r, retried["activationId"])
+    assert record["response"]["statusCode"] == state.WHISK_ERROR
+    assert "GPU server of node node-a became unavailable (503)" in record["response"]["result"]["error"]
+    assert "model call failed: 503 unavailable" in record["response"]["result"]["error"]
+    assert not a._gpu_reachable()
+
+
+def spec(name: str) -> ActionSpec:
+    return ActionSpec(namespace="guest", name=name, version="0.0.1", digest=name,
+                      init={"name": name, "main": "main", "code": "def main(args):\n    return args\n",
+                            "binary": False, "env": {}}, timeout_ms=30000)
+
+
+def test_the_node_wide_container_cap_replaces_the_least_recently_used_idle_container():
+    pool = ContainerPool(runtime_command(), runtime_env("", "http://127.0.0.1:1"), max_total=2)
+    try:
+        first, _ = pool.acquire(spec("one"))
+        pool.release(first)
+        second, _ = pool.acquire(spec("two"))
+        pool.release(second)
+        third, _ = pool.acquire(spec("three"))  # over the cap: "one", the idle one used longest ago, goes
+        assert first.proc.poll() is not None and second.alive()
+        assert pool.size() == 2 and pool.size("guest", "one") == 0
+        # with every container busy, a new action waits for one to come free
+        again, _ = pool.acquire(spec("two"))
+        assert again is second
+        got: list = []
+        waiter = threading.Thread(target=lambda: got.append(pool.acquire(spec("four"))))
+        waiter.start()
+        waiter.join(1.0)
+        assert waiter.is_alive() and pool.size() == 2
+        pool.release(third)
+        waiter.join(30)
+        assert got and got[0][0].alive() and third.proc.poll() is not None
+        pool.release(again)
+        pool.release(got[0][0])
+    finally:
+        pool.close()
