@@ -95,6 +95,9 @@ class SoakClient:
         if session is None:
             session = self._local.session = requests.Session()
             session.auth = self.auth
+            # a kept-alive connection that the server closes as a request goes out loses that
+            # request with no way to tell whether it was queued: one connection per request
+            session.headers["Connection"] = "close"
         return session
 
     def _lose(self, why: str) -> None:
@@ -108,7 +111,7 @@ class SoakClient:
             response = http.post(f"{self.base}/actions/{action}", params={"blocking": "true"}, json=params,
                                  timeout=self.timeout_s)
         except requests.RequestException as exc:
-            self._lose(f"no answer: {type(exc).__name__}")
+            self._lose(f"no answer: {type(exc).__name__}: {str(exc)[:200]}")
             return None, f"lost: no answer ({type(exc).__name__})", (time.perf_counter() - begin) * 1e3
         activation_id = response.headers.get(ACTIVATION_HEADER)
         record = response.json() if response.headers.get("Content-Type", "").startswith("application/json") else {}

@@ -203,6 +203,26 @@ def test_the_gpu_server_refuses_an_empty_frame(stack):
     assert reply["status"] == 400 and "not valid JSON" in reply["error"]
 
 
+def test_hostile_input_raises_no_server_error_metric(stack, api):
+    """The refusals of this test (and of the tests above it) count as client errors only."""
+    api.deploy("caller", CALL, ["resnet", "ghost"])
+    for params in ({"model": "resnet", "fill": "nan"}, {"model": "ghost"}, {"model": "gpt2"}):
+        assert api.invoke("caller", params).status_code == 502
+    assert requests.post(f"{api.base}/_/actions/caller?blocking=true", data=b"\x00", auth=GUEST,
+                         timeout=30).status_code == 400
+
+    def counted(text: str, name: str) -> dict[str, float]:
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                if line.startswith(name + "{")}
+
+    gpu = counted(requests.get(f"{stack.gpu_metrics_url}/metrics", timeout=10).text, "torpor_gpu_requests_total")
+    assert any('status="400"' in k for k in gpu) and any('status="403"' in k for k in gpu)
+    assert {k: v for k, v in gpu.items() if 'status="5' in k and v} == {}
+    invocations = counted(requests.get(f"{stack.api_host}/metrics", timeout=10).text, "torpor_invocations_total")
+    assert any('outcome="developer_error"' in k for k in invocations)
+    assert {k: v for k, v in invocations.items() if 'outcome="whisk_error"' in k and v} == {}
+
+
 @pytest.fixture(scope="module")
 def runtime_process(tmp_path_factory):
     """A ``torpor runtime`` as the invoker starts it, with the stack's payload limit."""

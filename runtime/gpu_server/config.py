@@ -34,6 +34,10 @@ class GPUServerSettings:
     room_timeout_s: float = setting(30.0, "TORPOR_ROOM_TIMEOUT_S", "longest wait for device room held by models in use", "s")
     publish_interval_s: float = setting(0.5, "TORPOR_PUBLISH_INTERVAL_S", "period of device-state updates in Redis", "s")
     torch_threads: int = setting(0, "TORPOR_TORCH_THREADS", "intra-op CPU threads of torch (0: torch's default)")
+    mmap_threshold: int = setting(128 << 10, "TORPOR_MMAP_THRESHOLD",
+                                  "host allocations this large or larger get their own mapping, returned to the "
+                                  "system when freed: keeps the resident set flat while connection threads come "
+                                  "and go (0: glibc's adaptive threshold, up to 32 MiB)", "bytes")
     metrics_host: str = setting("127.0.0.1", "TORPOR_GPU_METRICS_HOST", "address of the /metrics, /healthz, /readyz server")
     metrics_port: int = setting(0, "TORPOR_GPU_METRICS_PORT", "port of the /metrics, /healthz, /readyz server (0: none)")
     probe_timeout_s: float = setting(2.0, "TORPOR_GPU_PROBE_TIMEOUT_S",
