@@ -259,9 +259,9 @@ class _Handler(socketserver.BaseRequestHandler):
                 except Exception as exc:  # a bug or a model fault must not kill the connection thread silently
                     log.exception("request %s failed", header.get("op"))
                     reply, data = {"ok": False, "status": 500, "code": "internal", "error": f"{type(exc).__name__}: {exc}"}, b""
-                sent = _reply(self.request, reply, data)
+                # counted before the caller can see the reply, so that a scrape after it counts it
                 _account(service, header, reply, time.perf_counter() - began)
-                if not sent:
+                if not _reply(self.request, reply, data):
                     return
         finally:
             for shm in attached.values():
