@@ -6,7 +6,6 @@ server killed mid-swap and restarted (case 9) and Redis restarted under load (ca
 two run last, as they restart parts of the module's stack."""
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket
