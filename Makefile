@@ -49,7 +49,8 @@ device-bundle:
 	$(PYTHON) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
 	  --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 	  --platform manylinux2014_x86_64 -d .device/wheels \
-	  flask werkzeug itsdangerous blinker gunicorn redis setuptools jsonschema jsonschema-specifications referencing rpds-py
+	  flask werkzeug itsdangerous blinker gunicorn redis setuptools jsonschema jsonschema-specifications referencing rpds-py \
+	  pytest pluggy iniconfig pytest-timeout
 	cd .device/debs && apt-get download redis-server redis-tools libjemalloc2 liblzf1
 	for f in .device/debs/*.deb; do dpkg -x $$f .device/redis; done
 

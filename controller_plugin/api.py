@@ -27,10 +27,13 @@ from werkzeug.exceptions import HTTPException
 from controller_plugin import state
 from controller_plugin.auth import ENTITY_NAME, Authenticator, CredentialError, Identity
 from controller_plugin.config import ControllerSettings
-from controller_plugin.metrics import ControllerMetrics
+from controller_plugin.log_lines import GunicornJsonLogger, log_invocation
+from controller_plugin.metrics import ControllerMetrics, slo_ms_of
+from controller_plugin.predictor import ANY_KIND, Predictor
 from controller_plugin.routing import NodePicker, requeue_from_dead_nodes
 from runtime.action.errors import ActionError
 from runtime.action.request_body import parse_json, read_body
+from runtime.log_format import LogSettings, configure_from_kwargs
 from runtime.settings import from_kwargs, options
 
 log = logging.getLogger(__name__)
@@ -59,6 +62,20 @@ BAD_AUTH = "The supplied authentication is invalid."
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="whisk rest service"'}
 # gunicorn's default access log has %(u)s, the Basic-auth user (the UUID half of a credential).
 ACCESS_LOG_FORMAT = '%(h)s %(t)s "%(r)s" %(s)s %(b)s %(M)sms'
+
+
+def node_picker(settings: ControllerSettings, r: redis.Redis) -> NodePicker:
+    """The node choice of this controller: its latency predictor seeded from
+    ``settings.profiles`` (a bench/swap.py result) when given, its device slot limit.
+
+    Raises:
+        OSError, ValueError: the profiles file is unreadable or malformed.
+    """
+    kind = settings.gpu_kind or ANY_KIND
+    predictor = Predictor()
+    if settings.profiles:
+        predictor.load_bench(settings.profiles, kind=kind)
+    return NodePicker(r, predictor, kind=kind, default_slots=settings.device_slots)
 
 
 class ApiError(Exception):
@@ -356,7 +373,7 @@ class Controller:
         self.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5,
                                           socket_timeout=settings.max_blocking_wait_ms / 1000 + 10)
         self.auth = Authenticator(settings.auth, settings.namespace)
-        self.picker = NodePicker(self.redis)
+        self.picker = node_picker(settings, self.redis)
         self.rules = ActionRules([k.strip() for k in settings.kinds.split(",") if k.strip()])
         self._stop = threading.Event()
         self._requeuer: threading.Thread | None = None
@@ -561,6 +578,7 @@ def create_app(settings: ControllerSettings) -> Flask:
         submitted = now_ms()
         timeout_ms = action["limits"]["timeout"]
         deadline = submitted + timeout_ms + settings.blocking_margin_ms
+        slo_ms = slo_ms_of(action["annotations"])
         activation_id = state.new_activation_id()
         try:
             state.admit(r, ns, activation_id, now_ms=submitted, hold_until_ms=deadline + SLOT_GRACE_MS,
@@ -572,7 +590,7 @@ def create_app(settings: ControllerSettings) -> Flask:
         state.put_pending(r, state.pending_record(activation_id, action, g.identity.namespace, submitted))
         message = {"activationId": activation_id, "namespace": ns, "action": name, "version": action["version"],
                    "params": params, "models": models, "gpu": None, "timeout_ms": timeout_ms,
-                   "deadline": deadline, "submitted": submitted, "attempt": 1,
+                   "deadline": deadline, "submitted": submitted, "slo_ms": slo_ms, "attempt": 1,
                    "subject": g.identity.namespace, "blocking": blocking}
         try:
             node = ctl.picker.dispatch(message)
@@ -591,6 +609,7 @@ def create_app(settings: ControllerSettings) -> Flask:
         accepted.headers[ACTIVATION_HEADER] = activation_id
         if not blocking:
             metrics.invoked(ns, action, "accepted")
+            log_invocation(activation_id, ns, name, node, blocking=False, outcome="accepted", slo_ms=slo_ms)
             return accepted
         wait_ms = min(settings.max_blocking_wait_ms, timeout_ms + settings.blocking_margin_ms)
         if wait_override is not None:
@@ -603,11 +622,13 @@ def create_app(settings: ControllerSettings) -> Flask:
             # restart), so the caller gets its id to poll, not an error inviting a second run
             log.warning("Redis failed while waiting for activation %s: answering 202", activation_id)
             record = None
-        if record is None or not state.is_final(record):
-            metrics.blocking_done(ns, action, None, now_ms() - submitted)
+        latency_ms = now_ms() - submitted
+        code = record["response"]["statusCode"] if record is not None and state.is_final(record) else None
+        outcome = metrics.blocking_done(ns, action, code, latency_ms)
+        log_invocation(activation_id, ns, name, node, blocking=True, outcome=outcome, status_code=code,
+                       latency_ms=latency_ms, slo_ms=slo_ms)
+        if code is None:
             return accepted
-        code = record["response"]["statusCode"]
-        metrics.blocking_done(ns, action, code, now_ms() - submitted)
         status = 200 if code == state.SUCCESS else 500 if code == state.WHISK_ERROR else 502
         response = app.json.response(record["response"]["result"] if result_only else record)
         response.status_code = status
@@ -675,7 +696,7 @@ def create_app(settings: ControllerSettings) -> Flask:
 
 # --- torpor controller ---------------------------------------------------------------------
 
-def _gunicorn_app(settings: ControllerSettings) -> Any:
+def _gunicorn_app(settings: ControllerSettings, log_settings: LogSettings) -> Any:
     from gunicorn.app.base import BaseApplication
 
     class ControllerServer(BaseApplication):
@@ -683,15 +704,16 @@ def _gunicorn_app(settings: ControllerSettings) -> Any:
             host = f"[{settings.host}]" if ":" in settings.host else settings.host
             for key, value in {"bind": f"{host}:{settings.port}", "workers": 1, "worker_class": "gthread",
                                "threads": settings.threads, "accesslog": "-", "errorlog": "-",
-                               "access_log_format": ACCESS_LOG_FORMAT,
+                               "access_log_format": ACCESS_LOG_FORMAT, "loglevel": log_settings.log_level,
                                "proc_name": "torpor-controller", "graceful_timeout": 10,
                                # one shared ~/.gunicorn/gunicorn.ctl would clash with the other
                                # gunicorn processes of the node (action runtimes)
                                "control_socket_disable": True}.items():
                 self.cfg.set(key, value)
+            if log_settings.log_format == "json":
+                self.cfg.set("logger_class", GunicornJsonLogger)
 
         def load(self) -> Flask:
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
             return create_app(settings)
 
     return ControllerServer()
@@ -699,11 +721,20 @@ def _gunicorn_app(settings: ControllerSettings) -> Any:
 
 @click.command("controller")
 @options(ControllerSettings)
+@options(LogSettings)
 def command(**kwargs: Any) -> None:
     """Serve the OpenWhisk-compatible REST API (gunicorn, one gthread worker)."""
+    log_settings = configure_from_kwargs(kwargs, "controller")
     settings = from_kwargs(ControllerSettings, kwargs)
     try:
         Authenticator(settings.auth, settings.namespace)
     except CredentialError as exc:
         raise click.BadParameter(str(exc), param_hint="--auth / TORPOR_AUTH") from None
-    _gunicorn_app(settings).run()
+    if settings.profiles:
+        try:
+            Predictor().load_bench(settings.profiles)
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--profiles / TORPOR_CONTROLLER_PROFILES") from None
+    if settings.device_slots < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--device-slots / TORPOR_DEVICE_SLOTS")
+    _gunicorn_app(settings, log_settings).run()

@@ -44,3 +44,10 @@ class ControllerSettings:
                                       "a node without its alive key and unseen this long is dead", "ms")
     max_attempts: int = setting(3, "TORPOR_MAX_ATTEMPTS",
                                 "dispatches of one activation before it fails as a whisk internal error")
+    profiles: str = setting("", "TORPOR_CONTROLLER_PROFILES",
+                            "bench/swap.py result whose models (bytes, served_warm_ms) seed the latency "
+                            "predictor of node choice (empty: every model predicted at the default)")
+    gpu_kind: str = setting("", "TORPOR_CONTROLLER_GPU_KIND",
+                            "GPU type the profiles were measured on (empty: any type)")
+    device_slots: int = setting(0, "TORPOR_DEVICE_SLOTS",
+                                "activations booked on one device at once at most (0: no limit)")

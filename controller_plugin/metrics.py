@@ -190,8 +190,8 @@ class ControllerMetrics:
         self._namespaces.add(namespace)
         self.invocations.labels(namespace, action["name"], outcome).inc()
 
-    def blocking_done(self, namespace: str, action: dict, status_code: int | None, latency_ms: float) -> None:
-        """Records one blocking invocation of ``action``.
+    def blocking_done(self, namespace: str, action: dict, status_code: int | None, latency_ms: float) -> str:
+        """Records one blocking invocation of ``action``; returns its outcome (:data:`OUTCOMES`).
 
         Args:
             namespace: the action's namespace.
@@ -208,3 +208,4 @@ class ControllerMetrics:
             self.latency.labels(namespace, name).observe(latency_ms / 1000)
         self.slo.record(namespace, name, slo_ms_of(action.get("annotations") or []),
                         latency_ms if status_code == state.SUCCESS else None)
+        return outcome

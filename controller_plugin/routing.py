@@ -1,50 +1,208 @@
 """Node choice: where an activation runs, and moving the work of dead nodes to live ones.
 
-The choice itself is one Lua script (``pick_node.lua``) so that reading the cluster state
-and queueing the activation happen atomically; its inputs are the node set, the
-activation's models and the message. A latency predictor can replace the scoring inside
-the script without touching its callers.
+The choice is one Lua script (``pick_node.lua``, after ``bookings.lua``) so that reading the
+cluster state, booking a slot on the chosen device and queueing the activation happen
+atomically. It scores each candidate device by predicted completion, with the arithmetic of
+:class:`controller_plugin.predictor.Predictor`; this module hands it the inputs of that
+arithmetic (model bytes, execution profiles, link bandwidth) from a ``Predictor``.
 """
 from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
+from dataclasses import dataclass
 from importlib import resources
 
 import redis
 
 from controller_plugin import state
+from controller_plugin.predictor import ANY_KIND, Predictor
 
 log = logging.getLogger(__name__)
 
-PICK_NODE_LUA = resources.files(__package__).joinpath("pick_node.lua").read_text()
+_LUA = resources.files(__package__)
+BOOKINGS_LUA = _LUA.joinpath("bookings.lua").read_text()
+PICK_NODE_LUA = BOOKINGS_LUA + _LUA.joinpath("pick_node.lua").read_text()
+RELEASE_LUA = BOOKINGS_LUA + "return drop_booking(ARGV[1], ARGV[2])\n"
+
+MODELS_KEY = state.PREFIX + "models"
+# A ResNet-50's fp32 weights: the size assumed for a model neither profiled nor registered.
+DEFAULT_MODEL_BYTES = 102_000_000
+# OpenWhisk's default action time limit, for messages without ``timeout_ms``.
+DEFAULT_TIMEOUT_MS = 60_000
+# How long a model registry lookup (``torpor:models``) is trusted, s.
+REGISTRY_TTL_S = 60.0
+
+
+def epoch_ms() -> int:
+    """Wall-clock time in epoch milliseconds."""
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Pick:
+    """Where one activation was queued.
+
+    Attributes:
+        node: node id.
+        device: device index proposed to the node (the message's ``gpu``), or None when no
+            device was (an activation naming no model, a node without published devices).
+        predicted_ms: predicted completion on that device: wait + service, ms.
+        resident: how many of the activation's models are resident there.
+        booking: the booking's member in ``torpor:node:{id}:booked`` (the message's
+            ``booking``), or None.
+    """
+
+    node: str
+    device: int | None
+    predicted_ms: float
+    resident: int
+    booking: str | None
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 class NodePicker:
-    """Queues activation messages on the best live node (``pick_node.lua``).
+    """Queues activation messages on the live node and device predicted to finish them first.
 
     Args:
-        r: Redis client; the script is registered on it (EVALSHA, loaded on first use).
+        r: Redis client (with or without ``decode_responses``); the scripts are registered on
+            it (EVALSHA, loaded on first use).
+        predictor: source of model bytes, execution profiles (ms), link bandwidth and the
+            pipelined-swap tail; a fresh ``Predictor()`` (every model at its
+            ``default_exec_ms``) when None.
+        kind: device kind whose profiles are used (``Predictor.profile`` falls back to the
+            kind-independent one).
+        default_slots: concurrent bookings a device takes when its hash has no ``slots``
+            field; 0 for no limit.
+        default_model_bytes: weight bytes of a model neither profiled nor registered in
+            ``torpor:models``.
     """
 
-    def __init__(self, r: redis.Redis):
+    def __init__(self, r: redis.Redis, predictor: Predictor | None = None, *, kind: str = ANY_KIND,
+                 default_slots: int = 0, default_model_bytes: int = DEFAULT_MODEL_BYTES):
+        self.redis = r
+        self.predictor = predictor if predictor is not None else Predictor()
+        self.kind = kind
+        self.default_slots = default_slots
+        self.default_model_bytes = default_model_bytes
         self._pick = r.register_script(PICK_NODE_LUA)
+        self._release = r.register_script(RELEASE_LUA)
+        # model name -> (bytes in the registry or None, monotonic time of the lookup)
+        self._registered: dict[str, tuple[int | None, float]] = {}
+        self._registered_lock = threading.Lock()
 
     def dispatch(self, message: dict) -> str | None:
         """Picks a node for ``message`` and LPUSHes it onto ``torpor:node:{id}:queue``.
 
         Args:
-            message: the activation message (``docs/architecture.md``); its ``models`` list
-                steers the choice towards nodes where they are resident.
+            message: the activation message (``docs/architecture.md``).
 
         Returns:
-            The node id, or None when no node is alive (nothing was queued).
+            The node id, or None when no live node has a device with a free slot (nothing
+            was queued).
+
+        Raises:
+            redis.RedisError: Redis failed; the message may or may not have been queued.
         """
-        chosen = self._pick(keys=[state.NODES_KEY],
-                            args=[state.NODE_PREFIX, json.dumps(message.get("models") or []), json.dumps(message)])
-        if isinstance(chosen, bytes):
-            return chosen.decode()
-        return chosen
+        chosen = self.pick(message)
+        return chosen.node if chosen is not None else None
+
+    def pick(self, message: dict, now: int | None = None) -> Pick | None:
+        """Like :meth:`dispatch`, with the whole decision as the answer.
+
+        The message is queued with ``gpu`` (the proposed device) and ``booking`` set, and
+        the device's slot is booked until :meth:`release` or the booking's expiry: the
+        later of ``deadline`` and now, plus ``timeout_ms`` (an activation started just
+        before its deadline may run that long).
+
+        Args:
+            message: the activation message; its ``models`` are scored.
+            now: the current time, epoch ms (default: the clock).
+
+        Returns:
+            The decision, or None when nothing was queued.
+
+        Raises:
+            redis.RedisError: Redis failed; the message may or may not have been queued.
+        """
+        now = epoch_ms() if now is None else now
+        timeout = message.get("timeout_ms") or DEFAULT_TIMEOUT_MS
+        deadline = message.get("deadline")
+        expires = max(deadline if isinstance(deadline, (int, float)) else now, now) + timeout
+        body = json.dumps({k: v for k, v in message.items() if k not in ("gpu", "booking")}, separators=(",", ":"))
+        links = self.predictor.links
+        args = [state.NODE_PREFIX, now, int(expires), body, "1" if "gpu" in message else "0",
+                f"{message.get('activationId')}:{message.get('attempt', 1)}", repr(float(links.pcie_bytes_per_s)),
+                repr(float(self.predictor.pipeline_tail)), int(self.default_slots),
+                repr(float(self.predictor.default_exec_ms))]
+        for name in message.get("models") or []:
+            nbytes, exec_ms = self.model_inputs(name)
+            args += [json.dumps(name), nbytes, repr(float(exec_ms))]
+        answer = self._pick(keys=[state.NODES_KEY], args=args)
+        if answer is None:
+            return None
+        node, device, predicted, resident, booking = (_text(v) for v in answer)
+        return Pick(node, int(device) if int(device) >= 0 else None, float(predicted), int(resident), booking or None)
+
+    def release(self, node_id: str, message: dict | str | bytes) -> bool:
+        """Gives back the device slot a message booked on ``node_id`` (idempotent).
+
+        Args:
+            node_id: the node the message was queued on.
+            message: the message as queued (parsed or raw JSON); one without a booking, or
+                not JSON, books nothing.
+
+        Returns:
+            True when a booking was dropped.
+
+        Raises:
+            redis.RedisError: Redis failed (the booking then lapses at its expiry).
+        """
+        if not isinstance(message, dict):
+            try:
+                message = json.loads(message)
+            except (ValueError, TypeError):
+                return False
+        booking = message.get("booking") if isinstance(message, dict) else None
+        if not isinstance(booking, str) or not booking:
+            return False
+        return bool(self._release(keys=[], args=[state.node_key(node_id), booking]))
+
+    def model_inputs(self, name: str) -> tuple[int, float]:
+        """The weight bytes and resident execution ms the script is given for model ``name``.
+
+        Bytes come from the predictor's profile, else from the model registry
+        (``torpor:models``, looked up at most every ``REGISTRY_TTL_S`` per model), else
+        ``default_model_bytes``; exec ms from the profile, else ``default_exec_ms``.
+
+        Raises:
+            redis.RedisError: the registry lookup failed.
+        """
+        profile = self.predictor.profile(name, self.kind)
+        exec_ms = profile.exec_ms if profile is not None else self.predictor.default_exec_ms
+        if profile is not None and profile.bytes > 0:
+            return profile.bytes, exec_ms
+        nbytes = self._registry_bytes(name)
+        return (nbytes if nbytes else self.default_model_bytes), exec_ms
+
+    def _registry_bytes(self, name: str) -> int | None:
+        with self._registered_lock:
+            cached = self._registered.get(name)
+        if cached is not None and time.monotonic() - cached[1] < REGISTRY_TTL_S:
+            return cached[0]
+        raw = self.redis.hget(MODELS_KEY, name)
+        try:
+            nbytes = int(json.loads(raw)["bytes"]) if raw is not None else None
+        except (ValueError, TypeError, KeyError):
+            nbytes = None
+        with self._registered_lock:
+            self._registered[name] = (nbytes, time.monotonic())
+        return nbytes
 
 
 def requeue_from_dead_nodes(r: redis.Redis, picker: NodePicker, *, now_ms: int, dead_after_ms: int,
@@ -53,8 +211,9 @@ def requeue_from_dead_nodes(r: redis.Redis, picker: NodePicker, *, now_ms: int, 
 
     A message whose activation is already final is dropped. One that has been dispatched
     ``max_attempts`` times, or whose ``deadline`` (epoch ms) has passed, is finished as a
-    whisk internal error. Others are dispatched again with ``attempt`` + 1; when no node is
-    alive they are put back where they were, for a later pass.
+    whisk internal error. Others are dispatched again with ``attempt`` + 1; when no node
+    takes them they are put back where they were, for a later pass. Each message's booking
+    on the dead node is released.
 
     Args:
         now_ms: the current time, epoch ms.
@@ -75,6 +234,8 @@ def requeue_from_dead_nodes(r: redis.Redis, picker: NodePicker, *, now_ms: int, 
             except (ValueError, KeyError, TypeError):
                 log.error("dropped a malformed message from dead node %s", node_id)
                 continue
+            # its slot on the dead node's device is free whatever happens to it now
+            picker.release(node_id, message)
             record = state.get_activation(r, activation_id)
             if record is None or state.is_final(record):
                 continue

@@ -83,6 +83,10 @@ class ClusterSettings:
     trace: str = setting("", "TORPOR_TRACE", "trace .npy (default: ../shared/traces/torpor_samples.npy beside the repo)")
     profiles: str = setting("", "TORPOR_SIM_PROFILES",
                             "swap bench result JSON whose models (bytes, served_warm_ms) replace the H200 model set")
+    models: str = setting("", "TORPOR_SIM_MODELS", "comma-separated subset of the model set to draw from (empty: all)")
+    request_overhead_ms: float = setting(0.0, "TORPOR_SIM_REQUEST_OVERHEAD_MS",
+                                         "fixed latency of a request outside the GPU server (controller, invoker, "
+                                         "action runtime, redirection), added to every latency", "ms")
     gpu_memory_gb: float = setting(141.0, "TORPOR_SIM_GPU_MEMORY_GB", "memory of each GPU (H200: 141)", "GB")
     arena_fraction: float = setting(0.6, "TORPOR_SIM_ARENA_FRACTION",
                                     "share of GPU memory that Torpor's weight arena gets (the GPU server's default)")
@@ -104,7 +108,7 @@ class ClusterSettings:
                   ("native_overhead_gb", self.native_overhead_gb >= 0), ("cold_start_ms", self.cold_start_ms >= 0),
                   ("pcie_gbps", self.pcie_gbps > 0), ("nvlink_gbps", self.nvlink_gbps >= 0),
                   ("gpus_per_link", self.gpus_per_link >= 1), ("exec_jitter", self.exec_jitter >= 0),
-                  ("timeout_ms", self.timeout_ms > 0)]
+                  ("timeout_ms", self.timeout_ms > 0), ("request_overhead_ms", self.request_overhead_ms >= 0)]
         for name, ok in checks:
             if not ok:
                 raise ValueError(f"{name} is out of range: {getattr(self, name)!r}")
@@ -131,14 +135,23 @@ class SweepSettings:
 
 
 def model_set(cluster: ClusterSettings) -> tuple[ModelSpec, ...]:
-    """The models functions draw from: ``cluster.profiles`` if given, else :data:`H200_MODELS`.
+    """The models functions draw from: ``cluster.profiles`` if given, else :data:`H200_MODELS`,
+    restricted to ``cluster.models`` when that names some.
 
     Raises:
-        OSError, ValueError: unreadable or malformed profiles file.
+        OSError, ValueError: unreadable or malformed profiles file; ``cluster.models`` names a
+            model the set lacks.
     """
-    if not cluster.profiles:
-        return H200_MODELS
-    return tuple(ModelSpec(n, b, e) for n, (b, e) in sorted(read_bench(cluster.profiles).items()))
+    models = H200_MODELS if not cluster.profiles else \
+        tuple(ModelSpec(n, b, e) for n, (b, e) in sorted(read_bench(cluster.profiles).items()))
+    wanted = [m.strip() for m in cluster.models.split(",") if m.strip()]
+    if not wanted:
+        return models
+    by_name = {m.name: m for m in models}
+    unknown = [m for m in wanted if m not in by_name]
+    if unknown:
+        raise ValueError(f"models {unknown} are not in the model set ({', '.join(by_name)})")
+    return tuple(by_name[m] for m in wanted)
 
 
 class _Link:
@@ -456,7 +469,7 @@ class Simulation:
         m = st.resident[name]
         m.in_use -= 1
         m.last_used = now / 1000.0
-        latency = now - req.arrival
+        latency = now - req.arrival + self.cluster.request_overhead_ms
         self.latencies[req.fn].append(latency)
         self.tracker.record(name, latency)
         self.predictor.observe(name, st.kind, exec_ms)

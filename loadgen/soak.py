@@ -2,11 +2,12 @@
 (compressed) through the whole stack for minutes, every output checked against native
 execution, and the GPU server's host memory watched.
 
-``python -m loadgen.soak`` starts a private stack (``runtime.up.Stack``: Redis, controller,
-invoker, GPU server) with a node secret, so function tokens are checked throughout, builds the
-demo models (``runtime.demo``), deploys ``--functions`` demo functions, calls one function of
-each model once (so that every model's host copy is loaded before memory is first measured),
-then replays the schedule and writes ``soak-<date>.json`` to ``--out-dir``:
+``torpor soak`` (or ``python -m loadgen.soak``) starts a private stack (``runtime.up.Stack``:
+Redis, controller, invoker, GPU server) with a node secret, so function tokens are checked
+throughout, builds the demo models (``runtime.demo``), deploys ``--functions`` demo functions,
+calls one function of each model once (so that every model's host copy is loaded before memory
+is first measured), then replays the schedule and writes ``soak-<date>.json`` to
+``--out-dir``:
 
 - ``requests``, ``completed``, ``failed``: the replay's counts; ``wrong_outputs``: completed
   requests whose output differs from native execution (``NativeReference.check``);
@@ -247,7 +248,8 @@ def run_soak(s: SoakSettings) -> dict[str, Any]:
         "evictions": sum(d["evictions"] for d in stats["devices"]),
         "devices": [f"{d['device']}:{d['name']}" for d in stats["devices"]],
         "settings": {k: v for k, v in dataclasses.asdict(s).items() if k != "progress"},
-        "command": " ".join(["python -m loadgen.soak", *sys.argv[1:]]),
+        "command": " ".join(["torpor" if Path(sys.argv[0]).name == "torpor" else "python -m loadgen.soak",
+                             *sys.argv[1:]]),
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
 

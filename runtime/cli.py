@@ -15,6 +15,7 @@ COMMANDS = {
     "controller": "controller_plugin.api:command",
     "model": "runtime.gpu_server.repository:command",
     "loadgen": "loadgen.replay:command",
+    "soak": "loadgen.soak:command",
     "simulate": "controller_plugin.simulator:command",
     "sweep": "controller_plugin.simulator:sweep_command",
     "status": "controller_plugin.status:command",

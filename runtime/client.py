@@ -50,10 +50,13 @@ class ModelError(Exception):
 
 def _as_numpy(x) -> np.ndarray:
     if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "detach") and hasattr(x, "numpy"):  # a CPU torch tensor, without importing torch
-        return x.detach().numpy()
-    return np.asarray(x)
+        a = x
+    elif hasattr(x, "detach") and hasattr(x, "numpy"):  # a CPU torch tensor, without importing torch
+        a = x.detach().numpy()
+    else:
+        a = np.asarray(x)
+    # the protocol's bytes are native order; a big-endian array would be read as garbage
+    return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
 
 
 class GPUServerClient:
@@ -154,7 +157,12 @@ class GPUServerClient:
 
     def prefetch(self, model: str, device: int | None = None) -> int:
         """Starts swapping ``model`` in on a device (``device`` is a hint); returns the device."""
-        return self.call({"op": "prefetch", "model": model, **({"device": device} if device is not None else {})})[0]["device"]
+        return self.prefetch_info(model, device)["device"]
+
+    def prefetch_info(self, model: str, device: int | None = None) -> dict:
+        """:meth:`prefetch`, returning the whole reply: ``device``, ``swap_in`` (this call
+        started a swap-in), ``path`` (``resident``, ``pcie``, ``nvlink``) and ``server_ms``."""
+        return self.call({"op": "prefetch", "model": model, **({"device": device} if device is not None else {})})[0]
 
     def register(self, model: str) -> dict:
         """Loads (or reloads) ``model`` from the repository into the host store."""

@@ -22,7 +22,7 @@ LEVELS = ("debug", "info", "warning", "error")
 
 @dataclass
 class LogSettings:
-    """Log format and level of a process (the invoker and the GPU server take them).
+    """Log format and level of a process (the controller, the invoker and the GPU server take them).
 
     Raises:
         ValueError: a format or level that is not one of :data:`FORMATS` / :data:`LEVELS`.
@@ -67,7 +67,8 @@ def configure(settings: LogSettings, process: str) -> None:
 
     Args:
         settings: format and level.
-        process: the process's name, written on every line (``invoker``, ``gpu-server``).
+        process: the process's name, written on every line (``controller``, ``invoker``,
+            ``gpu-server``).
     """
     handler = logging.StreamHandler()
     if settings.log_format == "json":

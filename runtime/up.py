@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -62,6 +63,8 @@ class Stack:
         self.gpu_metrics_url = f"http://127.0.0.1:{self.gpu_metrics_port}"
         self.socket = str(self.state / "run" / "gpu.sock")
         self.model_repo = str(self.state / "models")
+        # the GPU server refuses to run without one; the invoker signs the actions' tokens with it
+        self.node_secret = os.environ.get("TORPOR_NODE_SECRET") or secrets.token_hex(32)
 
     def env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -69,7 +72,7 @@ class Stack:
             "TORPOR_REDIS_URL": self.redis.url, "TORPOR_GPU_SOCKET": self.socket, "TORPOR_MODEL_REPO": self.model_repo,
             "TORPOR_NODE_ID": "node0", "TORPOR_AUTH": self.settings.auth, "TORPOR_CONTROLLER_PORT": str(self.port),
             "TORPOR_API_HOST": self.api_host, "TORPOR_CPU_DEVICES": str(self.cpu_devices), "PYTHONUNBUFFERED": "1",
-            "TORPOR_GPU_METRICS_PORT": str(self.gpu_metrics_port),
+            "TORPOR_GPU_METRICS_PORT": str(self.gpu_metrics_port), "TORPOR_NODE_SECRET": self.node_secret,
             "TORPOR_INVOCATIONS_PER_MINUTE": "1000000", "TORPOR_CONCURRENT_LIMIT": "1000",
         })
         if self.cpu_devices:
@@ -146,6 +149,12 @@ class Stack:
     def __exit__(self, *exc) -> None:
         self.stop()
 
+    def gpu_client(self, timeout_s: float = 120.0):
+        """A ``runtime.client.GPUServerClient`` of this stack's GPU server with the admin token."""
+        from runtime.client import GPUServerClient
+        from runtime.gpu_server import tokens
+        return GPUServerClient(self.socket, token=tokens.admin_token(self.node_secret), timeout_s=timeout_s)
+
     def session(self) -> requests.Session:
         """An HTTP session authenticated as the local development namespace."""
         s = requests.Session()
@@ -206,8 +215,7 @@ def run_demo(settings: UpSettings) -> dict:
                 reference.expected(fn, fn.request(i))
         arrivals = schedule(load_trace(), len(loads), settings.seed, settings.minutes, 1.0)
         report = replay(openwhisk_invoker(stack.api_host, settings.auth), loads, arrivals, settings.speedup, concurrency=64)
-        from runtime.client import GPUServerClient
-        stats = GPUServerClient(stack.socket).stats()
+        stats = stack.gpu_client().stats()
     out = state / "results"
     out.mkdir(exist_ok=True)
     write_report(report, out / "demo.json", out / "demo.png")
@@ -237,6 +245,7 @@ def command(demo: bool, **kwargs) -> None:
     stack = Stack(settings, 0 if gpus else (settings.cpu_devices or 2), settings.device_memory)
     with stack:
         click.echo(f"API host: {stack.api_host}\nauth: {settings.auth}\nGPU socket: {stack.socket}\n"
+                   f"node secret: {stack.node_secret} (TORPOR_NODE_SECRET, for torpor model register --gpu-socket)\n"
                    f"Redis: {stack.redis.url}\nmetrics: {stack.api_host}/metrics {stack.gpu_metrics_url}/metrics\n"
                    "Ctrl-C to stop")
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -21,7 +21,8 @@ from runtime.redis_server import free_port
 
 
 class GPUServerProcess:
-    """``torpor gpu-server --cpu-devices N`` serving tiny ``kinds`` of tests/models.py.
+    """``torpor gpu-server --cpu-devices N`` serving tiny ``kinds`` of tests/models.py,
+    unauthenticated (``TORPOR_GPU_INSECURE_NO_AUTH``: its clients send no token).
 
     Args:
         kinds: model kinds to register (each under its kind's name).
@@ -49,7 +50,8 @@ class GPUServerProcess:
                 [str(Path(sys.executable).parent / "torpor"), "gpu-server", "--cpu-devices", str(devices),
                  "--device-memory", str(regions * ALIGNMENT), "--model-repo", str(self.repo.root),
                  "--socket", self.socket, "--torch-threads", "1", "--metrics-port", str(self.port), *extra],
-                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TORPOR_REDIS_URL": ""})
+                stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, "TORPOR_REDIS_URL": "", "TORPOR_GPU_INSECURE_NO_AUTH": "1"})
         try:
             self._wait_ready()
         except BaseException:
@@ -74,11 +76,16 @@ class GPUServerProcess:
 
     def stop(self) -> None:
         """SIGTERM (SIGKILL after 10 s) and removal of the temporary folder."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def stop_process(proc: subprocess.Popen) -> None:
+    """Stops ``proc`` with SIGTERM, or SIGKILL when it has not exited 10 s later."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -398,23 +398,7 @@ def test_pick_prefers_live_nodes(redis_url):
     assert json.loads(r.lindex(state.queue_key("live"), 0)) == {"activationId": "a3", "models": []}
 
 
-def test_pick_prefers_resident_models_then_short_queues(redis_url):
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
-    picker = NodePicker(r)
-    add_node(r, "a", resident=[["bert"]])
-    add_node(r, "b", resident=[[], ["resnet50", "vit"]], queued=3, inflight=2)
-    add_node(r, "c", queued=1)
-    r.hset(state.device_key("c", 0), "resident", "not json")
-    # Locality beats queue length: only b holds resnet50 (on its second device).
-    assert picker.dispatch({"activationId": "m1", "models": ["resnet50"]}) == "b"
-    # More of the wanted models resident wins.
-    assert picker.dispatch({"activationId": "m2", "models": ["bert", "resnet50", "vit"]}) == "b"
-    # No model resident anywhere: shortest queue + in-flight; a (0) before c (1) before b.
-    assert picker.dispatch({"activationId": "m3", "models": ["gpt2"]}) == "a"
-    # a and c now both hold 1: the smaller id wins the tie.
-    assert picker.dispatch({"activationId": "m4", "models": []}) == "a"
-    assert picker.dispatch({"activationId": "m5", "models": []}) == "c"
-    assert r.llen(state.queue_key("b")) == 5
+# Scoring by predicted latency (locality, busy devices, bookings) is tested in tests/test_routing.py.
 
 
 def test_pick_is_atomic_under_concurrency(redis_url):

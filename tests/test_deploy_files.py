@@ -264,6 +264,8 @@ def test_gpu_server_daemonset_shares_the_socket_with_functions():
     assert volumes[mount["name"]]["hostPath"] == {"path": SOCKET_DIR, "type": "DirectoryOrCreate"}
     assert not mount.get("readOnly")  # the server creates the socket
     assert env_of(server)["TORPOR_GPU_SOCKET"] == SOCKET
+    # without a node secret the server starts only when told to run unauthenticated
+    assert "TORPOR_NODE_SECRET" in env_of(server) or env_of(server)["TORPOR_GPU_INSECURE_NO_AUTH"] == "true"
     assert server["args"][:2] == ["gpu-server", "--socket"]
     assert pod["nodeSelector"] == GPU_NODE_LABEL == service["spec"]["template"]["spec"]["nodeSelector"]
     assert pod["hostIPC"] is True

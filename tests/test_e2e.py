@@ -12,7 +12,7 @@ import pytest
 import requests
 
 from runtime import demo
-from runtime.client import GPUServerClient
+from runtime.client import GPUServerClient, ModelError
 from runtime.gpu_server.repository import ModelSpec, Repository, TensorSpec
 from runtime.up import Stack, UpSettings
 
@@ -75,7 +75,7 @@ def test_minilm_embedding_equals_sentence_transformers_before_and_after_eviction
     assert served.shape == native.shape == (384,)
     assert np.abs(served - native).max() <= 1e-5
 
-    gpu = GPUServerClient(stack.socket)
+    gpu = stack.gpu_client()
     swaps = sum(d["swap_ins"] for d in gpu.stats()["devices"])
     assert gpu.evict("minilm") == [0]
     assert "minilm" not in gpu.stats()["devices"][0]["resident"]
@@ -116,4 +116,13 @@ def test_model_that_fails_to_load_is_refused_and_leaves_nothing(stack, tmp_path)
     assert proc.returncode != 0
     assert "does not load" in proc.stderr
     assert not (Path(stack.model_repo) / "broken").exists()
-    assert not list(Path(stack.model_repo).glob(".staging-*"))
+    assert not list(Path(stack.model_repo).glob(".staging/*"))
+
+
+def test_the_stack_gpu_server_checks_tokens_with_the_stack_secret(stack):
+    tokenless = GPUServerClient(stack.socket, token="", timeout_s=30)
+    with pytest.raises(ModelError) as refused:
+        tokenless.stats()
+    assert (refused.value.status, refused.value.code) == (403, "forbidden")
+    assert tokenless.health()["ok"]  # health needs no token
+    assert len(stack.gpu_client().stats()["devices"]) == 1  # the admin token of the stack's secret passes

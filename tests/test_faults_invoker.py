@@ -6,6 +6,7 @@ container cap that keeps hundreds of functions from exhausting the node (case 12
 from __future__ import annotations
 
 import json
+import signal
 import threading
 import time
 import uuid
@@ -145,7 +146,7 @@ def two_gpu_servers(private_redis):
     for node in ("node-a", "node-b"):
         (root / node).mkdir()
         servers[node] = GPUServer(root / node, repo, devices=1,
-                                  extra=("--redis-url", private_redis.url, "--node-id", node))
+                                  extra=("--redis-url", private_redis.url, "--node-id", node, "--insecure-no-auth"))
     for server in servers.values():
         server.start()
     yield servers, native
@@ -181,6 +182,41 @@ def test_an_activation_whose_gpu_server_died_runs_once_more_on_another_node(priv
     assert "GPU server of node node-a became unavailable (503)" in record["response"]["result"]["error"]
     assert "model call failed: 503 unavailable" in record["response"]["result"]["error"]
     assert not a._gpu_reachable()
+
+
+def test_a_stalled_gpu_server_is_not_taken_for_dead_but_a_hung_one_is(private_redis, invokers, two_gpu_servers,
+                                                                       monkeypatch):
+    """A GPU server whose liveness key lapses while its socket still accepts is stalled, not
+    gone: the node keeps taking work for GPU_STALL_GRACE_S, then counts it as hung; a killed
+    one is down as soon as its key lapses."""
+    from runtime.invoker import invoker as invoker_module
+
+    servers, _ = two_gpu_servers
+    r = redis.Redis.from_url(private_redis.url, decode_responses=True)
+    monkeypatch.setattr(invoker_module, "GPU_STALL_GRACE_S", 4.0)
+    invokers("node-a", gpu_socket=servers["node-a"].socket)
+    invokers("node-b", gpu_socket=servers["node-b"].socket)
+    assert wait_until(lambda: r.hget("torpor:node:node-a", "gpu_server") == "up"
+                      and r.hget("torpor:node:node-b", "gpu_server") == "up", 10)
+    stalled = servers["node-a"].proc
+    stalled.send_signal(signal.SIGSTOP)  # a GIL stall, taken to the extreme: no thread runs
+    try:
+        assert wait_until(lambda: not r.exists("torpor:node:node-a:gpu"), 5)
+        lapsed = time.monotonic()
+        # the key stays lapsed, yet the node keeps its alive key while the grace lasts
+        while time.monotonic() - lapsed < 2.0:
+            assert r.hget("torpor:node:node-a", "gpu_server") == "up" and r.exists("torpor:node:node-a:alive")
+            time.sleep(0.2)
+        assert wait_until(lambda: r.hget("torpor:node:node-a", "gpu_server") == "down", 6)
+        assert time.monotonic() - lapsed >= 3.5
+        assert not r.exists("torpor:node:node-a:alive")
+    finally:
+        stalled.send_signal(signal.SIGCONT)
+    assert wait_until(lambda: r.hget("torpor:node:node-a", "gpu_server") == "up", 10)
+    servers["node-b"].kill()
+    killed = time.monotonic()
+    assert wait_until(lambda: r.hget("torpor:node:node-b", "gpu_server") == "down", 5)
+    assert time.monotonic() - killed < 3.0
 
 
 def spec(name: str) -> ActionSpec:

@@ -136,7 +136,9 @@ def test_a_model_larger_than_the_arena_gets_no_room_at_once(repo):
 def test_prefetch_makes_the_next_call_warm(repo):
     module = models.register(repo, "m", "sentence-embedding")
     node = make_node(repo, devices=2, regions=1)
-    device = node.prefetch("m", None, 1.0)
+    assert node.prefetch("m", None, 1.0)["path"] == "pcie"
+    [device] = [ex.device.index for ex in node.executors if ex.is_resident("m")]
+    assert node.prefetch("m", None, 1.0) == {"device": device, "swap_in": False, "path": "resident"}
     res = node.executors[device].resident["m"]
     assert res.in_use == 0
     # the copy was issued group by group; the first run waits for each layer's group, then settles it
@@ -196,6 +198,11 @@ def test_re_registering_changed_weights_serves_the_new_weights(repo):
 # ---------------------------------------------------------------- repository validation
 
 
+def stored_files(repo: Repository) -> list[Path]:
+    """Every file under the repository (symlinks not followed), relative to its root."""
+    return sorted(Path(d, f).relative_to(repo.root) for d, _, files in os.walk(repo.root) for f in files)
+
+
 def truncated(path: Path) -> Path:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -206,14 +213,14 @@ def test_register_refuses_a_truncated_file_and_leaves_nothing(repo, tmp_path):
     weights = truncated(models.save(models.build("resnet"), tmp_path / "w.safetensors"))
     with pytest.raises(ModelLoadError, match="does not load"):
         repo.register(models.spec("m", "resnet"), weights)
-    assert list(repo.root.iterdir()) == []
+    assert repo.names() == [] and stored_files(repo) == []
 
 
 def test_register_refuses_shapes_that_do_not_fit_the_architecture(repo, tmp_path):
     weights = models.save(models.build("vit", config={"hidden_size": 32, "intermediate_size": 64}), tmp_path / "w.safetensors")
     with pytest.raises(ModelLoadError, match="does not load"):
         repo.register(models.spec("m", "vit"), weights)
-    assert list(repo.root.iterdir()) == []
+    assert repo.names() == [] and stored_files(repo) == []
 
 
 def test_register_refuses_inputs_the_model_cannot_run_and_keeps_the_old_version(repo, tmp_path):
@@ -222,7 +229,7 @@ def test_register_refuses_inputs_the_model_cannot_run_and_keeps_the_old_version(
     spec.inputs[0].shape = [1, 4, 32, 32]  # four channels into a three-channel stem
     with pytest.raises(ModelLoadError, match="declared inputs"):
         repo.register(spec, models.save(models.build("resnet", seed=5), tmp_path / "w.safetensors"))
-    assert repo.names() == ["m"] and sorted(p.name for p in repo.root.iterdir()) == ["m"]
+    assert repo.names() == ["m"] and {f.parent for f in stored_files(repo)} == {repo.resolve("m").relative_to(repo.root)}
     node = make_node(repo, devices=1, regions=1)
     served(node, "m", "resnet", old)
 
@@ -235,14 +242,14 @@ MAX_INPUT_BYTES = 1 << 20
 
 
 def start_server(root: Path, repo: Repository) -> subprocess.Popen:
-    """``torpor gpu-server`` on two CPU devices serving ``repo`` on ``root/gpu.sock``
+    """``torpor gpu-server`` on two CPU devices serving ``repo`` on ``root/gpu.sock``, unauthenticated
     (``root`` must be short: a Unix socket path has at most 107 bytes)."""
     sock = root / "gpu.sock"
     with open(root / "server.log", "wb") as log:
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "torpor"), "gpu-server", "--cpu-devices", "2",
              "--device-memory", str(SERVER_REGIONS * REGION), "--model-repo", str(repo.root), "--socket", str(sock),
-             "--max-input-bytes", str(MAX_INPUT_BYTES), "--torch-threads", "1"],
+             "--max-input-bytes", str(MAX_INPUT_BYTES), "--torch-threads", "1", "--insecure-no-auth"],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TORPOR_REDIS_URL": ""})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

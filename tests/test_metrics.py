@@ -2,7 +2,8 @@
 
 - A real ``torpor gpu-server`` process (CPU devices, tiny real models): counters and
   histograms of ``/metrics`` move by exactly what a few inferences, a prefetch, an eviction
-  and refused requests must move them by; its debug log has one JSON line per request.
+  and refused requests must move them by, and the link gauges are there; its debug log has
+  one JSON line per request.
 - An in-process node with the real health server: ``/readyz`` turns 503 and names the device
   marked unhealthy or the unreadable model repository, and turns 200 again; ``/healthz`` and
   ``/readyz`` keep answering at once while a swap-in is held half-way.
@@ -22,11 +23,10 @@ import redis
 import requests
 import torch
 from prometheus_client.parser import text_string_to_metric_families
-from werkzeug.serving import make_server
 
 import models
-from controller_plugin.api import create_app
-from controller_plugin.config import GUEST_AUTH, ControllerSettings
+from conftest import controller_app
+from controller_plugin.config import GUEST_AUTH
 from controller_plugin.metrics import slo_ms_of
 from gpu_process import GPUServerProcess
 from runtime.client import ModelError
@@ -82,6 +82,8 @@ def test_gpu_server_counters_move_by_what_was_done(gpu_server):
     for _ in range(3):
         models.assert_same(client.infer("resnet", arrays), want)
     assert client.prefetch("gpt2") == 0
+    again = client.prefetch_info("gpt2")
+    assert again.pop("server_ms") >= 0 and again == {"ok": True, "device": 0, "swap_in": False, "path": "resident"}
     client.infer("vit", models.inputs("vit"))
     with pytest.raises(ModelError) as unknown:
         client.infer("no-such-model", arrays)
@@ -96,11 +98,14 @@ def test_gpu_server_counters_move_by_what_was_done(gpu_server):
     assert delta(before, after, requests_total, op="infer", status="200") == 4
     assert delta(before, after, requests_total, op="infer", status="404") == 1
     assert delta(before, after, requests_total, op="infer", status="400") == 1
-    assert delta(before, after, requests_total, op="prefetch", status="200") == 1
+    assert delta(before, after, requests_total, op="prefetch", status="200") == 2
+    assert delta(before, after, "torpor_gpu_prefetches_total", device="0", path="resident") == 1
     assert delta(before, after, requests_total, op="register", status="200") == 3
 
-    assert delta(before, after, "torpor_gpu_swap_ins_total", device="0") == 3
-    assert delta(before, after, "torpor_gpu_swap_in_bytes_total", device="0") == sum(nbytes.values())
+    assert delta(before, after, "torpor_gpu_swap_ins_total", device="0", path="pcie") == 3  # the prefetch's too
+    assert delta(before, after, "torpor_gpu_swap_ins_total", device="0", path="nvlink") == 0
+    assert delta(before, after, "torpor_gpu_swap_in_bytes_total", device="0", path="pcie") == sum(nbytes.values())
+    assert delta(before, after, "torpor_gpu_prefetches_total", device="0", path="pcie") == 1
     assert delta(before, after, "torpor_gpu_evictions_total", device="0") == 1
     assert delta(before, after, "torpor_gpu_runs_total", device="0") == 4
     for name in ("torpor_gpu_request_duration_seconds_count", "torpor_gpu_execution_duration_seconds_count",
@@ -119,6 +124,9 @@ def test_gpu_server_counters_move_by_what_was_done(gpu_server):
     assert value(after, "torpor_gpu_device_healthy", device="0") == 1
     assert value(after, "torpor_gpu_device_info", device="0", kind="cpu") == 1
     assert not any(n.startswith("torpor_gpu_memory_") for n, _ in after)  # NVML: CUDA devices only
+    # the CPU device's own host link, idle once every swap-in has landed
+    for name in ("torpor_gpu_link_transfers_in_flight", "torpor_gpu_link_bytes_in_flight"):
+        assert after[(name, frozenset({("link", "cpu:0")}))] == 0
 
 
 def test_gpu_server_debug_log_is_one_json_line_per_request(gpu_server):
@@ -271,14 +279,8 @@ def test_probe_times_out_on_a_hung_check_and_never_stacks_threads():
 
 @pytest.fixture
 def controller(redis_url):
-    app = create_app(ControllerSettings(redis_url=redis_url, requeue_interval_ms=0))
-    server = make_server("127.0.0.1", 0, app, threaded=True)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    thread.join(5)
-    app.extensions["torpor"].stop()
+    with controller_app(redis_url) as url:
+        yield url
 
 
 def create(base: str, name: str, slo_ms=None) -> None:

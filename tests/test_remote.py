@@ -23,7 +23,7 @@ from torch import nn
 import models
 from runtime.client import GPUServerClient, ModelError
 from runtime.gpu_server.program_check import UnsafeProgram, check_program
-from runtime.gpu_server.repository import ModelSpec, Repository, TensorSpec
+from runtime.gpu_server.repository import STAGING, VERSIONS, ModelSpec, Repository, TensorSpec
 from runtime.remote import UnservableOutput, export_failure, remote
 from runtime.up import Stack, UpSettings
 from test_gpu_server import start_server, stop_server
@@ -242,6 +242,12 @@ def client(server):
     c.close()
 
 
+def left_behind(root: Path, prefix: str) -> list[Path]:
+    """Temporary upload folders and staged registrations of ``prefix*`` in repository ``root``."""
+    temporary = [p for p in root.iterdir() if p.name.startswith(".") and p.name not in (STAGING, VERSIONS)]
+    return temporary + list((root / STAGING).glob(prefix + "*"))
+
+
 def refused(client: GPUServerClient, name: str, digest: str, data: bytes, inputs=INPUTS) -> ModelError:
     with pytest.raises(ModelError) as info:
         client.call({"op": "register_program", "model": name, "digest": digest, "inputs": inputs}, data)
@@ -312,7 +318,7 @@ def test_concurrent_uploads_register_once(server):
     assert not errors and len(replies) == 4
     assert sorted(r["created"] for r in replies) == [False, False, False, True]
     assert [p.name for p in server[1].root.iterdir() if p.name.startswith("guest.race.")] == [name]
-    assert not [p for p in server[1].root.iterdir() if p.name.startswith(".")]
+    assert not left_behind(server[1].root, "guest.race.") and len(list((server[1].root / VERSIONS).glob("guest.race.*"))) == 1
 
 
 @pytest.mark.parametrize("change, status, code, words", [
@@ -333,7 +339,8 @@ def test_malformed_registrations_are_refused(client, server, change, status, cod
     error = refused(client, name, digest, data, change.get("inputs", INPUTS))
     assert (error.status, error.code) == (status, code), error
     assert words in str(error)
-    assert not [p for p in server[1].root.iterdir() if p.name.startswith(("guest.bad.", "."))]
+    assert not [p for p in server[1].root.iterdir() if p.name.startswith("guest.bad.")]
+    assert not left_behind(server[1].root, "guest.bad.") and not list((server[1].root / VERSIONS).glob("guest.bad.*"))
 
 
 def test_oversized_program_is_a_413(client):

@@ -17,7 +17,11 @@ class GPUServerSettings:
                                 "containers (empty: the server's own group)")
     node_secret: str = setting("", "TORPOR_NODE_SECRET",
                                "secret shared with this node's invoker: checks function tokens and admin ops "
-                               "(empty: every caller may do everything; tests and development only)")
+                               "(empty: the server refuses to start unless --insecure-no-auth)")
+    insecure_no_auth: bool = setting(False, "TORPOR_GPU_INSECURE_NO_AUTH",
+                                     "serve without a node secret: every process that can open the socket may use "
+                                     "every model and admin op (tests, development, and platforms whose function "
+                                     "containers get no token: Knative, OpenWhisk); ignored when a secret is set")
     model_repo: str = setting(".state/models", "TORPOR_MODEL_REPO", "model repository directory")
     redis_url: str = setting("", "TORPOR_REDIS_URL", "Redis for device state (empty: do not publish)")
     node_id: str = setting("node0", "TORPOR_NODE_ID", "this node's id in Redis")
@@ -32,6 +36,8 @@ class GPUServerSettings:
     max_program_bytes: int = setting(256 << 20, "TORPOR_MAX_PROGRAM_BYTES",
                                      "largest torch.export program a function may register (register_program)", "bytes")
     room_timeout_s: float = setting(30.0, "TORPOR_ROOM_TIMEOUT_S", "longest wait for device room held by models in use", "s")
+    max_loads: int = setting(2, "TORPOR_MAX_LOADS", "models loading into the host store at once at most "
+                             "(a load is CPU-bound: build, first-use trace, pack)")
     publish_interval_s: float = setting(0.5, "TORPOR_PUBLISH_INTERVAL_S", "period of device-state updates in Redis", "s")
     torch_threads: int = setting(0, "TORPOR_TORCH_THREADS", "intra-op CPU threads of torch (0: torch's default)")
     mmap_threshold: int = setting(128 << 10, "TORPOR_MMAP_THRESHOLD",

@@ -56,6 +56,8 @@ class Residency:
 class ExecutorStats:
     swap_ins: int = 0
     swap_in_bytes: int = 0
+    peer_swap_ins: int = 0  # of swap_ins, those copied from a peer device (NVLink)
+    peer_swap_in_bytes: int = 0
     evictions: int = 0
     runs: int = 0
     graph_runs: int = 0
@@ -155,6 +157,9 @@ class Executor:
                 gates.swap = SwapIn(self.device, source, dst, max(self.group_bytes, PEER_GROUP_BYTES))
         self.stats.swap_ins += 1
         self.stats.swap_in_bytes += model.nbytes
+        if source is not None:
+            self.stats.peer_swap_ins += 1
+            self.stats.peer_swap_in_bytes += model.nbytes
         res = Residency(model, region, module, gates, in_use=1, deferred=deferred)
         self.resident[model.name] = res
         return res
@@ -269,6 +274,7 @@ class Executor:
                 "resident": {n: {"bytes": r.model.nbytes, "in_use": r.in_use, "offset": r.region.offset}
                              for n, r in self.resident.items()},
                 "swap_ins": self.stats.swap_ins, "swap_in_bytes": self.stats.swap_in_bytes,
+                "peer_swap_ins": self.stats.peer_swap_ins, "peer_swap_in_bytes": self.stats.peer_swap_in_bytes,
                 "evictions": self.stats.evictions, "runs": self.stats.runs, "graph_runs": self.stats.graph_runs,
                 **(self.graphs.stats() if self.graphs else {}),
             }

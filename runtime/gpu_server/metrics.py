@@ -8,7 +8,9 @@ Two kinds of series (names and meanings in docs/observability.md):
 * *per device*, read from :meth:`Executor.snapshot` of every executor at scrape time by
   :class:`ExecutorCollector` (swap-ins, bytes moved, evictions, runs, resident models, arena
   use, queue, health), plus GPU memory and utilisation from NVML on CUDA devices
-  (:class:`NvmlCollector`).
+  (:class:`NvmlCollector`);
+* *per link*, the swap-ins in flight on each host link (:func:`link_load`, also published
+  to Redis by the server for ``torpor status``).
 
 Each :class:`ServerMetrics` has a registry of its own, so that several servers can live in
 one process (the tests) without their series clashing.
@@ -16,7 +18,7 @@ one process (the tests) without their series clashing.
 from __future__ import annotations
 
 import logging
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pynvml
 import torch
@@ -24,12 +26,65 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from runtime.gpu_server.placement import DeviceState
 from runtime.gpu_server.topology import bus_id
 
 log = logging.getLogger(__name__)
 
 # Seconds: warm runs of small models take a few ms, swap-ins of large ones up to seconds.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+def link_load(states: Sequence[DeviceState]) -> list[dict]:
+    """The swap-ins in flight of each device and of its host link, from the node's policy
+    views (``Node.states()``): a model counts while its weights are still arriving
+    (``ResidentModel.loading``). Copies from a peer over NVLink count on the receiving
+    device's host link, as the node's own device choice counts them.
+
+    Returns:
+        One dict per state, in order: ``device``, ``link`` (host link id),
+        ``transfers_in_flight`` and ``bytes_in_flight`` (swap-ins landing on the device, the
+        bytes of their models), ``link_transfers_in_flight`` and ``link_bytes_in_flight``
+        (the same summed over the devices sharing the link).
+    """
+    own = []
+    for s in states:
+        loading = [m.bytes for m in s.resident.values() if m.loading]
+        own.append({"device": s.index, "link": s.link_id, "transfers_in_flight": len(loading),
+                    "bytes_in_flight": sum(loading)})
+    links: dict[str, tuple[int, int]] = {}
+    for d in own:
+        n, nbytes = links.get(d["link"], (0, 0))
+        links[d["link"]] = (n + d["transfers_in_flight"], nbytes + d["bytes_in_flight"])
+    return [{**d, "link_transfers_in_flight": links[d["link"]][0], "link_bytes_in_flight": links[d["link"]][1]}
+            for d in own]
+
+
+class LinkCollector(Collector):
+    """Per host link: swap-ins in flight and their bytes (:func:`link_load`), at each scrape.
+
+    Args:
+        node: the GPU server's node (its ``states()`` are read).
+    """
+
+    def __init__(self, node):
+        self.node = node
+
+    def collect(self) -> Iterator:
+        transfers = GaugeMetricFamily("torpor_gpu_link_transfers_in_flight",
+                                      "Swap-ins whose weights are still arriving over the host link",
+                                      labels=["link"])
+        nbytes = GaugeMetricFamily("torpor_gpu_link_bytes_in_flight",
+                                   "Bytes of the models whose swap-ins are in flight on the host link",
+                                   labels=["link"])
+        seen = set()
+        for d in link_load(self.node.states()):
+            if d["link"] not in seen:
+                seen.add(d["link"])
+                transfers.add_metric([d["link"]], d["link_transfers_in_flight"])
+                nbytes.add_metric([d["link"]], d["link_bytes_in_flight"])
+        yield transfers
+        yield nbytes
 
 
 class ExecutorCollector(Collector):
@@ -49,9 +104,12 @@ class ExecutorCollector(Collector):
                                  labels=["device", "name", "kind"])
         healthy = GaugeMetricFamily("torpor_gpu_device_healthy", "1 while the device is healthy, 0 after a fault",
                                     labels=["device"])
+        by_path = {key: CounterMetricFamily(name, text, labels=["device", "path"]) for key, name, text in (
+            ("swap_ins", "torpor_gpu_swap_ins",
+             "Models swapped in (prefetches included), by path: pcie (host copy) or nvlink (peer copy)"),
+            ("swap_in_bytes", "torpor_gpu_swap_in_bytes", "Bytes of weights copied onto the device by swap-ins, by path"),
+        )}
         counters = {key: CounterMetricFamily(name, text, labels=["device"]) for key, name, text in (
-            ("swap_ins", "torpor_gpu_swap_ins", "Models swapped in (host or peer copies, prefetches included)"),
-            ("swap_in_bytes", "torpor_gpu_swap_in_bytes", "Bytes of weights copied onto the device by swap-ins"),
             ("evictions", "torpor_gpu_evictions", "Models evicted from the device's weight arena"),
             ("runs", "torpor_gpu_runs", "Model runs (inferences) on the device"),
         )}
@@ -67,6 +125,9 @@ class ExecutorCollector(Collector):
             device = str(s["device"])
             info.add_metric([device, s["name"], s["kind"]], 1)
             healthy.add_metric([device], 1 if s["healthy"] else 0)
+            for key, family in by_path.items():
+                family.add_metric([device, "pcie"], s[key] - s[f"peer_{key}"])
+                family.add_metric([device, "nvlink"], s[f"peer_{key}"])
             for key, family in counters.items():
                 family.add_metric([device], s[key])
             for key, family in gauges.items():
@@ -76,6 +137,7 @@ class ExecutorCollector(Collector):
                 model_bytes.add_metric([device, model], r["bytes"])
         yield info
         yield healthy
+        yield from by_path.values()
         yield from counters.values()
         yield from gauges.values()
         yield resident
@@ -153,16 +215,28 @@ class ServerMetrics:
             "torpor_gpu_request_wait_seconds",
             "Time of successful inferences before their run began: device choice, queue, room, swap-in issue",
             labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        self.prefetches = Counter("torpor_gpu_prefetches",
+                                  "Prefetches answered, by device and path: resident (nothing to copy), pcie, nvlink",
+                                  ["device", "path"], registry=self.registry)
         self.run_seconds = Histogram(
             "torpor_gpu_execution_duration_seconds",
             "Run time of successful inferences, waits for weights still being copied included",
             labels, buckets=LATENCY_BUCKETS, registry=self.registry)
+        # labelled children by label values: labels() validates and locks on every call, and
+        # a request's metrics are on the path of its reply
+        self._inference_children: dict[tuple[str, str, str], tuple] = {}
         self.registry.register(ExecutorCollector(node))
+        self.registry.register(LinkCollector(node))
         self.registry.register(NvmlCollector(node))
 
     def request_done(self, op: str, status: int) -> None:
         """Counts one answered request (``status`` 200 for success)."""
         self.requests.labels(op, str(status)).inc()
+
+    def prefetch_done(self, info: dict) -> None:
+        """Counts one successful prefetch; ``info`` is what ``Node.prefetch`` returned
+        (``device``, ``path``)."""
+        self.prefetches.labels(str(info["device"]), info["path"]).inc()
 
     def inference_done(self, model: str, info: dict, server_s: float) -> None:
         """Records one successful inference.
@@ -171,10 +245,15 @@ class ServerMetrics:
             model: the model's name.
             info: what ``Node.infer`` returned besides the outputs (``device``, ``path``,
                 ``run_ms``).
-            server_s: seconds from the request's acceptance to its outputs, in seconds.
+            server_s: seconds from the start of placement to the end of the run.
         """
         labels = (model, str(info["device"]), info["path"])
+        children = self._inference_children.get(labels)
+        if children is None:
+            children = self._inference_children[labels] = tuple(
+                h.labels(*labels) for h in (self.request_seconds, self.run_seconds, self.wait_seconds))
         run_s = info["run_ms"] / 1e3
-        self.request_seconds.labels(*labels).observe(server_s)
-        self.run_seconds.labels(*labels).observe(run_s)
-        self.wait_seconds.labels(*labels).observe(max(0.0, server_s - run_s))
+        request, run, wait = children
+        request.observe(server_s)
+        run.observe(run_s)
+        wait.observe(max(0.0, server_s - run_s))

@@ -173,21 +173,26 @@ class Node:
         finally:
             self.done(ex, model)
 
-    def prefetch(self, name: str, hint: int | None, timeout_s: float) -> int:
+    def prefetch(self, name: str, hint: int | None, timeout_s: float) -> dict:
         """Starts swapping ``name`` in on the chosen device without running it (late binding).
 
-        Returns the device index. Raises as :meth:`infer`.
+        Returns:
+            {"device", "swap_in" (bool: this call started a swap-in), "path" (resident,
+            pcie, nvlink)}.
+
+        Raises as :meth:`infer`.
         """
         model = self.store.get(name)
         ex, source = self.choose(model, hint)
         try:
-            res, _, pinned = self._acquire(ex, source, model, timeout_s, prefetch=True)
+            res, swapped, pinned = self._acquire(ex, source, model, timeout_s, prefetch=True)
             if pinned:
                 if res.gates.swap is not None:  # the peer copy must land before its source may be evicted
                     res.gates.swap.events[-1].synchronize()
                 source.release(pinned)
             ex.release(res)
-            return ex.device.index
+            path = "resident" if not swapped else "nvlink" if pinned else "pcie"
+            return {"device": ex.device.index, "swap_in": swapped, "path": path}
         finally:
             self.done(ex, model)
 

@@ -1,7 +1,7 @@
-"""The model repository: one folder per model, registered apart from actions.
+"""The model repository: one name per model, registered apart from actions.
 
-A model folder holds ``model.json`` — how to build the model and what it takes — and its
-weights::
+A model is a folder holding ``model.json`` — how to build the model and what it takes — and
+its weights::
 
     {"name": "resnet50", "architecture": "tv-resnet50", "config": {},
      "format": "safetensors", "weights": "model.safetensors",
@@ -12,12 +12,42 @@ weights::
 ``torch.export`` program saved with ``torch.export.save``; no architecture needed). A ``null``
 in an input shape is a dynamic dimension. Nothing is ever unpickled without
 ``weights_only``.
+
+On disk (``TORPOR_MODEL_REPO``)::
+
+    ROOT/NAME -> .versions/NAME-<32 hex>     a relative symlink: the current version
+    ROOT/.versions/NAME-<32 hex>/            one folder per registration, never modified
+        model.json, model.safetensors          once published
+    ROOT/.staging/NAME-<32 hex>/             a registration being validated
+    ROOT/.staging/<32 hex>.link              the new symlink, just before it replaces ROOT/NAME
+
+Publishing is atomic: a registration is built and validated in ``.staging``, renamed into
+``.versions`` and then made current by renaming a new symlink over ``ROOT/NAME``
+(``os.replace``, one ``rename(2)``). Unregistering unlinks the symlink (one ``unlink(2)``).
+A reader therefore sees either the old version or the new one, never a mix nor a missing
+file, provided it resolves ``ROOT/NAME`` once (:meth:`Repository.resolve`, which
+:meth:`Repository.spec` uses) and reads every file from the resolved folder (``ModelSpec.path``,
+which :func:`build` uses).
+
+Old versions are collected by later registrations and unregistrations (:meth:`Repository.collect`),
+in any process: a version no name points to is deleted once it has not been current for
+``grace_s`` (default :data:`VERSION_GRACE_S`). A name never points to an old version again,
+so a version found unreferenced stays so. A reader holds a version only between resolving
+the link and opening its files (an open file survives its unlink on POSIX; the store then
+keeps the weights in memory), which takes milliseconds, far less than the grace. Should a
+reader still find its version gone, :class:`VersionGone` tells it to resolve again
+(``ModelStore.get`` retries once). A plain folder at ``ROOT/NAME`` (written by hand or by
+an older Torpor) is read as is; the next registration of NAME moves it into ``.versions``
+first, the one step that is not atomic (a load running at that instant may fail once).
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +63,19 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
 FORMATS = ("safetensors", "state_dict", "export")
 EXAMPLE_DYNAMIC_DIM = 8  # size given to a dynamic dimension in the registration trace
+VERSIONS = ".versions"
+STAGING = ".staging"
+VERSION_GRACE_S = 300.0  # a superseded version is kept at least this long, s (module docstring)
+STAGING_MAX_AGE_S = 86400.0  # a staging folder this old was left by a crashed registration, s
 
 
 class ModelLoadError(Exception):
     """A model cannot be registered or loaded; the message names the cause."""
+
+
+class VersionGone(ModelLoadError):
+    """The version folder a reader resolved was collected before the reader opened its
+    files: a newer version holds the name (or none does). Resolve the name again."""
 
 
 @dataclass
@@ -101,6 +140,7 @@ def build(spec: ModelSpec) -> nn.Module:
     """Builds the CPU module of ``spec`` with its weights loaded strictly, in eval mode.
 
     Raises:
+        VersionGone: ``spec.path`` was collected meanwhile (resolve the name again).
         ModelLoadError: unknown architecture, missing/truncated weights, names or shapes that
             do not match the architecture, an export that does not load.
     """
@@ -119,6 +159,8 @@ def build(spec: ModelSpec) -> nn.Module:
     except ModelLoadError:
         raise
     except Exception as exc:  # the loaders raise many types; all mean "this model does not load"
+        if not Path(spec.path).is_dir():
+            raise VersionGone(f"model {spec.name}: version {spec.path} was collected while loading") from exc
         raise ModelLoadError(f"model {spec.name} does not load: {type(exc).__name__}: {exc}") from exc
     if spec.format == "export":  # the export fixed the mode; its module refuses .eval()
         return module.requires_grad_(False)
@@ -134,52 +176,84 @@ def file_digest(path: Path) -> str:
 
 
 class Repository:
-    """A local model repository directory (``TORPOR_MODEL_REPO``).
+    """A local model repository directory (``TORPOR_MODEL_REPO``), laid out as the module
+    docstring says.
 
     Args:
         root: the directory; created when missing.
+        grace_s: how long a superseded version is kept before :meth:`collect` deletes it, s.
+            It must exceed the time a reader takes from resolving a name to opening its files
+            (and the instant between a new version's rename into ``.versions`` and its link).
     """
 
-    def __init__(self, root: Path | str):
+    def __init__(self, root: Path | str, grace_s: float = VERSION_GRACE_S):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self.grace_s = grace_s
 
     def folder(self, name: str) -> Path:
+        """``root/NAME``, the name's symlink (or plain folder).
+
+        Raises:
+            ModelLoadError: ``name`` is empty, holds a ``/`` or starts with a dot.
+        """
         if not name or "/" in name or name.startswith("."):
             raise ModelLoadError(f"invalid model name {name!r}")
         return self.root / name
 
+    def resolve(self, name: str) -> Path:
+        """The folder of ``name``'s current version, resolved once: read every file of one
+        registration from it, never through ``root/NAME`` again.
+
+        Raises:
+            KeyError: no such model.
+            ModelLoadError: invalid name.
+        """
+        try:
+            version = self.folder(name).resolve(strict=True)
+        except (FileNotFoundError, NotADirectoryError):
+            raise KeyError(name) from None
+        if not (version / "model.json").exists():
+            raise KeyError(name)
+        return version
+
     def spec(self, name: str) -> ModelSpec:
-        """The registered spec of ``name``.
+        """The registered spec of ``name``; its ``path`` is the resolved version folder.
 
         Raises:
             KeyError: no such model.
             ModelLoadError: its description is broken.
         """
-        folder = self.folder(name)
-        if not (folder / "model.json").exists():
-            raise KeyError(name)
-        return ModelSpec.read(folder)
+        version = self.resolve(name)
+        try:
+            return ModelSpec.read(version)
+        except ModelLoadError:
+            if version.is_dir():
+                raise
+        return ModelSpec.read(self.resolve(name))  # collected between resolving and reading: once more
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if (p / "model.json").exists())
+        return sorted(p.name for p in self.root.iterdir() if not p.name.startswith(".") and (p / "model.json").exists())
 
     def register(self, spec: ModelSpec, weights_file: Path) -> ModelSpec:
         """Validates ``spec`` + ``weights_file`` (builds, loads strictly, runs the example
-        inputs once) and only then installs them as ``root/NAME``. Nothing is left behind
-        when validation fails.
+        inputs once) in a staging folder and only then publishes them as a new version of
+        ``spec.name`` (atomic: module docstring). Nothing is left behind when validation
+        fails, and the current version, if any, stays current.
+
+        Returns:
+            ``spec`` with ``digest``, ``bytes`` and ``path`` (the new version folder) set.
 
         Raises:
-            ModelLoadError: the model does not build, load or run.
+            ModelLoadError: invalid name, or the model does not build, load or run.
         """
-        final = self.folder(spec.name)
-        staging = self.root / f".staging-{spec.name}"
-        shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir(parents=True)
+        self.folder(spec.name)
+        stage = self.root / STAGING / f"{spec.name}-{uuid.uuid4().hex}"
+        stage.mkdir(parents=True)
         try:
-            shutil.copyfile(weights_file, staging / spec.weights)
-            spec.path = str(staging)
-            spec.digest = file_digest(staging / spec.weights)
+            shutil.copyfile(weights_file, stage / spec.weights)
+            spec.path = str(stage)
+            spec.digest = file_digest(stage / spec.weights)
             module = build(spec)
             try:
                 with torch.no_grad():
@@ -188,24 +262,103 @@ class Repository:
                 raise ModelLoadError(f"model {spec.name} does not run on its declared inputs: {type(exc).__name__}: {exc}") from exc
             from runtime.gpu_server.layout import named_weights
             spec.bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in named_weights(module).values()}.values())
-            spec.write(staging)
-            shutil.rmtree(final, ignore_errors=True)
-            staging.rename(final)
-            spec.path = str(final)
-            return spec
+            spec.write(stage)
+            version = self.root / VERSIONS / stage.name
+            version.parent.mkdir(exist_ok=True)
+            stage.rename(version)
+            spec.path = str(version)
+            self._publish(spec.name, version)
         finally:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(stage, ignore_errors=True)  # gone already unless validation failed
+        self.collect()
+        return spec
+
+    def _publish(self, name: str, version: Path) -> None:
+        """Makes ``version`` current for ``name`` with one rename of a new symlink over the old."""
+        link = self.folder(name)
+        new_link = self.root / STAGING / f"{uuid.uuid4().hex}.link"
+        os.symlink(os.path.relpath(version, self.root), new_link)  # relative: the root may be mounted elsewhere
+        try:
+            previous = self._unpublish_folder(link)
+            if previous is None and link.is_symlink():
+                previous = link.resolve()
+            os.replace(new_link, link)
+        except BaseException:
+            new_link.unlink(missing_ok=True)
+            raise
+        if previous is not None:
+            _retire(previous)
+
+    def _unpublish_folder(self, link: Path) -> Path | None:
+        """Moves a plain folder at ``link`` (hand-made or from an older Torpor) into
+        ``.versions``, so that a symlink can take its place; returns where it went, or None
+        when ``link`` is no plain folder."""
+        if link.is_symlink() or not link.is_dir():
+            return None
+        moved = self.root / VERSIONS / f"{link.name}-{uuid.uuid4().hex}"
+        moved.parent.mkdir(exist_ok=True)
+        link.rename(moved)
+        return moved
 
     def unregister(self, name: str) -> None:
-        """Removes ``name``'s folder.
+        """Removes ``name`` atomically (its symlink is unlinked in one step); its version
+        folder is collected after the grace period, so that a load running now finishes.
 
         Raises:
             KeyError: no such model.
+            ModelLoadError: invalid name.
         """
-        folder = self.folder(name)
-        if not folder.exists():
-            raise KeyError(name)
-        shutil.rmtree(folder)
+        link = self.folder(name)
+        previous = self._unpublish_folder(link)
+        if previous is None:
+            if not link.is_symlink():
+                raise KeyError(name)
+            previous = link.resolve()
+            try:
+                link.unlink()
+            except FileNotFoundError:  # a concurrent unregister was first
+                raise KeyError(name) from None
+        _retire(previous)
+        self.collect()
+
+    def collect(self) -> list[Path]:
+        """Deletes the version folders that no name points to and that stopped being current
+        ``grace_s`` or more ago, and staging folders older than :data:`STAGING_MAX_AGE_S`
+        (left by a crashed registration). Safe while other processes read and register
+        (module docstring).
+
+        Returns:
+            the folders deleted.
+        """
+        current = {p.resolve() for p in self.root.iterdir() if not p.name.startswith(".") and p.is_symlink()}
+        now = time.time()
+        deleted = []
+        for kind, max_age in ((VERSIONS, self.grace_s), (STAGING, STAGING_MAX_AGE_S)):
+            try:
+                entries = list((self.root / kind).iterdir())
+            except FileNotFoundError:
+                continue
+            for entry in entries:
+                try:
+                    old = now - entry.lstat().st_mtime >= max_age
+                except FileNotFoundError:  # collected by another process meanwhile
+                    continue
+                if old and entry.resolve() not in current:
+                    if entry.is_dir() and not entry.is_symlink():
+                        shutil.rmtree(entry, ignore_errors=True)
+                    else:
+                        entry.unlink(missing_ok=True)
+                    deleted.append(entry)
+        return deleted
+
+
+def _retire(version: Path) -> None:
+    """Stamps ``version`` with the time it stopped being current (its mtime), from which
+    :meth:`Repository.collect` counts the grace period."""
+    try:
+        os.utime(version)
+    except FileNotFoundError:
+        pass
 
 
 def parse_input(text: str) -> TensorSpec:
@@ -219,10 +372,11 @@ def parse_input(text: str) -> TensorSpec:
 
 @dataclass
 class RepositorySettings:
-    """Where the model repository is and which GPU server to tell about new models."""
+    """Where the model repository is and which GPU server to tell about new and removed models."""
 
     model_repo: str = setting(".state/models", "TORPOR_MODEL_REPO", "model repository directory")
-    gpu_socket: str = setting("", "TORPOR_GPU_SOCKET", "GPU server socket to load a new model into (empty: none)")
+    gpu_socket: str = setting("", "TORPOR_GPU_SOCKET",
+                              "GPU server socket to load a new model into, or to drop a removed one from (empty: none)")
     redis_url: str = setting("", "TORPOR_REDIS_URL", "Redis to record the model in (empty: none)")
 
 
@@ -257,8 +411,8 @@ def announce(spec: ModelSpec, settings: RepositorySettings) -> None:
     if settings.redis_url:
         import redis
         redis.Redis.from_url(settings.redis_url).hset("torpor:models", spec.name, json.dumps(
-            {"name": spec.name, "path": spec.path, "architecture": spec.architecture, "bytes": spec.bytes,
-             "digest": spec.digest, "inputs": [asdict(i) for i in spec.inputs]}))
+            {"name": spec.name, "path": str(Path(settings.model_repo) / spec.name), "architecture": spec.architecture,
+             "bytes": spec.bytes, "digest": spec.digest, "inputs": [asdict(i) for i in spec.inputs]}))
     if settings.gpu_socket:
         from runtime.client import GPUServerClient
         GPUServerClient(settings.gpu_socket).register(spec.name)
@@ -273,3 +427,26 @@ def list_command(**kwargs) -> None:
     for name in repo.names():
         spec = repo.spec(name)
         click.echo(f"{name}\t{spec.format}\t{spec.architecture or '-'}\t{spec.bytes}")
+
+
+@command.command("unregister")
+@click.argument("name")
+@options(RepositorySettings)
+def unregister_command(name, **kwargs) -> None:
+    """Remove NAME from the repository, from Redis and from the GPU server's memory, where
+    configured. Its files are deleted by a later register or unregister, after the grace
+    period (a load running now finishes)."""
+    settings = from_kwargs(RepositorySettings, kwargs)
+    try:
+        Repository(settings.model_repo).unregister(name)
+    except KeyError:
+        raise click.ClickException(f"no model {name!r} in {settings.model_repo}") from None
+    except ModelLoadError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if settings.redis_url:
+        import redis
+        redis.Redis.from_url(settings.redis_url).hdel("torpor:models", name)
+    if settings.gpu_socket:
+        from runtime.client import GPUServerClient
+        GPUServerClient(settings.gpu_socket).unregister(name)
+    click.echo(json.dumps({"name": name, "unregistered": True}))

@@ -2,6 +2,7 @@
 socket, one thread per connection, and publishes its devices' state to Redis."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,8 +20,7 @@ from runtime.gpu_server import protocol, tokens
 from runtime.gpu_server.config import GPUServerSettings
 from runtime.gpu_server.device import discover
 from runtime.gpu_server.executor import DeviceFault, NoRoom
-from runtime.gpu_server.health import HealthServer
-from runtime.gpu_server.metrics import ServerMetrics
+from runtime.gpu_server.metrics import ServerMetrics, link_load
 from runtime.gpu_server.node import NoHealthyDevice, Node
 from runtime.gpu_server.programs import ProgramError, ProgramRegistry
 from runtime.gpu_server.repository import ModelLoadError, Repository
@@ -36,8 +36,10 @@ log = logging.getLogger("torpor.gpu_server")
 # admin token when the node has a secret (docs/faults.md, case 11).
 FUNCTION_OPS = frozenset({"infer", "prefetch", "register_program"})
 OPEN_OPS = frozenset({"health"})
-GPU_ALIVE_MIN_MS = 1500
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter  # the TTL of torpor:node:{id}:gpu is 3 publish periods, at least this
+GPU_ALIVE_MIN_MS = 1500  # the TTL of torpor:node:{id}:gpu is 3 publish periods, at least this
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+FINITE_CHUNK = 1 << 15  # values per finiteness pass (all_finite): 32 KiB of scratch booleans
+TOKEN_CACHE = 1024  # verified tokens remembered (Service._authorize)
 
 
 class RequestError(Exception):
@@ -58,15 +60,38 @@ def validate(spec_inputs, arrays: list[np.ndarray], model: str) -> None:
         raise RequestError(400, "bad_input", f"model {model} takes {len(spec_inputs)} inputs "
                            f"({', '.join(i.name for i in spec_inputs)}), got {len(arrays)}")
     for spec, a in zip(spec_inputs, arrays):
-        if a.dtype.name != spec.dtype:
+        if protocol.dtype_name(a.dtype) != spec.dtype:
             raise RequestError(400, "bad_input", f"input {spec.name} of model {model} must be {spec.dtype}, got {a.dtype.name}")
         if len(a.shape) != len(spec.shape) or any(d is not None and d != s for d, s in zip(spec.shape, a.shape)) \
                 or any(s == 0 for s in a.shape):
             want = "x".join("?" if d is None else str(d) for d in spec.shape)
             raise RequestError(400, "bad_input", f"input {spec.name} of model {model} must have shape {want}, got "
                                f"{'x'.join(map(str, a.shape))}")
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
+        if a.dtype.kind == "f" and not all_finite(a):
             raise RequestError(400, "bad_input", f"input {spec.name} of model {model} contains NaN or infinity")
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether no value of the float array ``a`` is NaN or infinite.
+
+    Checked in slices of ``FINITE_CHUNK`` values into one scratch array per thread:
+    ``np.isfinite`` of a whole image allocates a boolean array above the mmap threshold
+    (``limit_heap_growth``), mapped, faulted in and unmapped again on every request (three
+    times the cost of the check itself), and even small temporaries fault pages in again
+    after the thread's heap was trimmed by the model's run.
+    """
+    flat = a.reshape(-1)
+    scratch = getattr(_finite_scratch, "out", None)
+    if scratch is None:
+        scratch = _finite_scratch.out = np.empty(FINITE_CHUNK, dtype=bool)
+    for i in range(0, flat.size, FINITE_CHUNK):
+        part = flat[i:i + FINITE_CHUNK]
+        if not np.isfinite(part, out=scratch[:part.size]).all():
+            return False
+    return True
+
+
+_finite_scratch = threading.local()
 
 
 class Service:
@@ -77,6 +102,9 @@ class Service:
         self.settings = settings
         self.metrics = ServerMetrics(node)
         self.programs = ProgramRegistry(node.store.repository, settings.max_program_bytes)
+        # an HMAC and a JSON decode per request otherwise; a connection sends one token again
+        # and again. Only valid tokens are kept (verify raises on the others).
+        self._verify = functools.lru_cache(maxsize=TOKEN_CACHE)(tokens.verify)
 
     def handle(self, header: dict, payload: bytes, attached: dict) -> tuple[dict, bytes]:
         self._authorize(header)
@@ -104,7 +132,7 @@ class Service:
         if not isinstance(token, str) or not token:
             raise RequestError(403, "forbidden", f"op {op!r} needs a token: this GPU server checks its callers")
         try:
-            claims = tokens.verify(secret, token)
+            claims = self._verify(secret, token)
         except tokens.TokenError as exc:
             raise RequestError(403, "forbidden", f"invalid token: {exc}") from None
         if claims.get("admin"):
@@ -179,12 +207,13 @@ class Service:
             raise RequestError(500, "device_fault", str(exc)) from None
         except (IndexError, ValueError) as exc:
             raise RequestError(400, "bad_input", f"model {name} rejected its input: {exc}") from None
-        self.metrics.inference_done(name, info, time.perf_counter() - started)
+        server_s = time.perf_counter() - started  # placement and run; the rest is the protocol's overhead
+        self.metrics.inference_done(name, info, server_s)
         arrays_out = [o.numpy() for o in outputs]
         start = max(int(e["offset"]) + int(e["nbytes"]) for e in entries) if entries else 0
         out_entries, end = protocol.describe(arrays_out, start)
         reply = {"ok": True, "outputs": out_entries, "device": info["device"], "swap_in": info["swap_in"], "path": info["path"],
-                 "server_ms": (time.perf_counter() - started) * 1e3}
+                 "server_ms": server_s * 1e3}
         if end <= shm.size:
             protocol.write(shm.buf, out_entries, arrays_out)
             return reply, b""
@@ -197,12 +226,15 @@ class Service:
     def op_prefetch(self, header: dict, attached: dict) -> tuple[dict, bytes]:
         name = self._model_name(header)
         self._load(name)
+        started = time.perf_counter()
         try:
-            return {"ok": True, "device": self.node.prefetch(name, self._hint(header), self.settings.room_timeout_s)}, b""
+            info = self.node.prefetch(name, self._hint(header), self.settings.room_timeout_s)
         except NoRoom as exc:
             raise RequestError(503, "no_room", str(exc)) from None
         except NoHealthyDevice as exc:
             raise RequestError(500, "device_fault", str(exc)) from None
+        self.metrics.prefetch_done(info)
+        return {"ok": True, **info, "server_ms": (time.perf_counter() - started) * 1e3}, b""
 
     def op_register(self, header: dict, attached: dict) -> tuple[dict, bytes]:
         name = self._model_name(header)
@@ -327,25 +359,40 @@ def _group_id(group: str) -> int:
         raise click.BadParameter(f"no group {group!r}", param_hint="--socket-group") from None
 
 
-def publish(node: Node, settings: GPUServerSettings, stop: threading.Event) -> None:
-    """Writes each device's state to ``torpor:node:{id}:device:{k}``, and this server's
-    liveness key ``torpor:node:{id}:gpu`` (its pid, expiring after three periods), until
-    ``stop`` is set. The invoker withholds the node from scheduling while that key is gone."""
+def keep_alive(settings: GPUServerSettings, stop: threading.Event) -> None:
+    """Sets this server's liveness key ``torpor:node:{id}:gpu`` (its pid, expiring after three
+    publish periods, at least GPU_ALIVE_MIN_MS) every period until ``stop`` is set. The invoker
+    withholds the node from scheduling while that key is gone. A thread of its own that takes
+    no executor lock, so a long capture or swap-in cannot make a live server look dead."""
     import redis
 
     client = redis.Redis.from_url(settings.redis_url)
     alive_ms = max(GPU_ALIVE_MIN_MS, int(3000 * settings.publish_interval_s))
     while not stop.is_set():
         try:
+            client.set(f"torpor:node:{settings.node_id}:gpu", os.getpid(), px=alive_ms)
+        except redis.RedisError as exc:
+            log.warning("cannot refresh the liveness key: %s", exc)
+        stop.wait(settings.publish_interval_s)
+
+
+def publish(node: Node, settings: GPUServerSettings, stop: threading.Event) -> None:
+    """Writes each device's state to ``torpor:node:{id}:device:{k}`` every publish period
+    until ``stop`` is set."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url)
+    while not stop.is_set():
+        try:
             pipe = client.pipeline()
-            pipe.set(f"torpor:node:{settings.node_id}:gpu", os.getpid(), px=alive_ms)
             snaps = [e.snapshot() for e in node.executors]
+            links = {d.pop("device"): d for d in link_load(node.states())}  # link, transfers/bytes in flight
             for s in snaps:
                 pipe.hset(f"torpor:node:{settings.node_id}:device:{s['device']}", mapping={
                     "resident": json.dumps(sorted(s["resident"])), "arena_bytes": s["arena_bytes"],
                     "used_bytes": s["used_bytes"], "queue": s["queue"], "healthy": int(s["healthy"]),
                     "kind": s["kind"], "name": s["name"], "swap_ins": s["swap_ins"], "evictions": s["evictions"],
-                    "fault": s["fault"], "updated": int(time.time() * 1000)})
+                    "fault": s["fault"], **links[s["device"]], "updated": int(time.time() * 1000)})
             pipe.hset(f"torpor:node:{settings.node_id}", "devices", json.dumps(
                 [{"device": s["device"], "name": s["name"], "kind": s["kind"], "arena_bytes": s["arena_bytes"]} for s in snaps]))
             pipe.execute()
@@ -374,8 +421,31 @@ def limit_heap_growth(mmap_threshold: int) -> None:
         log.warning("mallopt(M_MMAP_THRESHOLD, %d) was refused", mmap_threshold)
 
 
+def check_authentication(settings: GPUServerSettings) -> None:
+    """Refuses to run without a node secret unless unauthenticated mode was asked for
+    explicitly, and then warns loudly (docs/faults.md, case 11).
+
+    Raises:
+        click.UsageError: no ``node_secret`` and no ``insecure_no_auth``.
+    """
+    if settings.node_secret:
+        return
+    if not settings.insecure_no_auth:
+        raise click.UsageError(
+            "no node secret: set TORPOR_NODE_SECRET (--node-secret) to the secret this node's invoker has, or run "
+            "unauthenticated explicitly with --insecure-no-auth (TORPOR_GPU_INSECURE_NO_AUTH=1)")
+    log.warning("UNAUTHENTICATED GPU server (--insecure-no-auth, no TORPOR_NODE_SECRET): every process that can open "
+                "%s may use every model and admin op; the socket's mode and group are the only access control",
+                settings.socket)
+
+
 def serve(settings: GPUServerSettings) -> None:
-    """Runs the GPU server until SIGTERM/SIGINT."""
+    """Runs the GPU server until SIGTERM/SIGINT.
+
+    Raises:
+        click.UsageError: no node secret and no explicit ``insecure_no_auth`` (check_authentication).
+    """
+    check_authentication(settings)
     limit_heap_growth(settings.mmap_threshold)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
@@ -384,7 +454,8 @@ def serve(settings: GPUServerSettings) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = settings.cudnn_tf32
     devices = discover(settings.cpu_devices, settings.device_memory, settings.arena_bytes)
-    store = ModelStore(Repository(settings.model_repo), pin=any(d.is_cuda for d in devices))
+    store = ModelStore(Repository(settings.model_repo), pin=any(d.is_cuda for d in devices),
+                       max_loads=settings.max_loads)
     if any(d.is_cuda for d in devices):
         props = [torch.cuda.get_device_properties(d.torch_device) for d in devices]
         topology = discover_topology([bus_id(p.pci_domain_id, p.pci_bus_id, p.pci_device_id) for p in props])
@@ -394,9 +465,12 @@ def serve(settings: GPUServerSettings) -> None:
     server = Server(settings.socket, Service(node, settings), int(settings.socket_mode, 8), settings.socket_group)
     stop = threading.Event()
     if settings.redis_url:
+        threading.Thread(target=keep_alive, args=(settings, stop), daemon=True).start()
         threading.Thread(target=publish, args=(node, settings, stop), daemon=True).start()
     health = None
     if settings.metrics_port:
+        from runtime.gpu_server.health import HealthServer  # Flask: only for this HTTP side
+
         health = HealthServer(node, server.service.metrics.registry, settings.model_repo, settings.metrics_host,
                               settings.metrics_port, settings.probe_timeout_s).start()
 
@@ -408,9 +482,6 @@ def serve(settings: GPUServerSettings) -> None:
     signal.signal(signal.SIGINT, shutdown)
     log.info("serving %d device(s) on %s: %s", len(devices), settings.socket,
              ", ".join(f"{d.index}:{d.name} arena {d.arena_bytes / 2**20:.0f} MiB" for d in devices))
-    if not settings.node_secret:
-        log.warning("no node secret (TORPOR_NODE_SECRET): every process that can open %s may use every model "
-                    "and admin op; set one outside tests and development", settings.socket)
     try:
         server.serve_forever(poll_interval=0.2)
     finally:

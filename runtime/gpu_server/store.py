@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import copy
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from runtime.gpu_server.layout import Layout, bind, pack, trace_layout
-from runtime.gpu_server.repository import ModelLoadError, ModelSpec, Repository, build
+from runtime.gpu_server.repository import ModelLoadError, ModelSpec, Repository, VersionGone, build
 
 
 @dataclass
@@ -68,16 +69,28 @@ class ModelStore:
 
     A model that failed to load stays failed (each call raises the same error at once) until
     it is registered again with other files. Loads of one model are serialised: concurrent
-    first requests load it once.
+    first requests load it once. A load reads every file from the one version folder it
+    resolved (repository.py: a registration replacing the model meanwhile is not seen), and
+    resolves once more when that version was collected before its files were opened.
+
+    At most ``max_loads`` models load at once: a load is CPU-bound Python (building the
+    module, tracing its first-use order), and hundreds of first requests loading in parallel
+    thrash the cores and starve the server's other threads of the GIL (its liveness key
+    lapsed that way on a 2×H200 node warming 200 functions with 64 loads at once).
 
     Args:
         repository: where model folders live.
         pin: page-lock the host buffers (True when CUDA devices are served).
+        max_loads: models loading at once at most (>= 1).
     """
 
-    def __init__(self, repository: Repository, pin: bool):
+    def __init__(self, repository: Repository, pin: bool, max_loads: int = 2):
         self.repository = repository
         self.pin = pin
+        # loads run on these threads only: each thread that runs CPU kernels gets an OpenMP
+        # team of its own, and loads on the connection threads (one per client) exhausted
+        # the threads a process may have (libgomp: Thread creation failed)
+        self._loader = ThreadPoolExecutor(max(1, max_loads), thread_name_prefix="model-load")
         self._models: dict[str, HostModel] = {}
         self._failed: dict[str, tuple[str, ModelLoadError]] = {}
         self._locks: dict[str, threading.Lock] = {}
@@ -104,13 +117,20 @@ class ModelStore:
             if failed and failed[0] == spec.digest:
                 raise failed[1]
             try:
-                model = load(spec, self.pin)
+                model = self._loader.submit(self._load, name, spec).result()
             except ModelLoadError as exc:
-                self._failed[name] = (spec.digest, exc)
+                if not isinstance(exc, VersionGone):  # a property of the timing, not of the files
+                    self._failed[name] = (spec.digest, exc)
                 raise
             self._failed.pop(name, None)
             self._models[name] = model
             return model
+
+    def _load(self, name: str, spec: ModelSpec) -> HostModel:
+        try:
+            return load(spec, self.pin)
+        except VersionGone:
+            return load(self.repository.spec(name), self.pin)
 
     def loaded(self) -> list[str]:
         return sorted(self._models)

@@ -107,7 +107,11 @@ def build(architecture: str, config: dict[str, Any] | None = None) -> nn.Module:
         builder = ARCHITECTURES[architecture]
     except KeyError:
         raise KeyError(f"unknown architecture {architecture!r}; known: {', '.join(sorted(ARCHITECTURES))}") from None
-    # transformers resolves its classes lazily, and that import is not safe from several threads
-    with _BUILD_LOCK:
+    if architecture.startswith("tv-"):  # torchvision builds are thread-safe: several at once
         module = builder(dict(config or {}))
+    else:
+        # transformers resolves its classes lazily, also while a model is being constructed,
+        # and that import is not safe from several threads
+        with _BUILD_LOCK:
+            module = builder(dict(config or {}))
     return module.eval().requires_grad_(False)

@@ -33,7 +33,7 @@ class InvokerSettings:
     http_port: int = setting(0, "TORPOR_INVOKER_PORT", "port of the /healthz and /readyz server; 0: no server")
     node_secret: str = setting("", "TORPOR_NODE_SECRET",
                                "secret shared with this node's GPU server: signs the token each action gets "
-                               "(empty: the GPU server checks nothing; tests and development only)")
+                               "(empty: actions get no token, and the GPU server must run with --insecure-no-auth)")
     max_payload_bytes: int = setting(1048576, "TORPOR_MAX_PAYLOAD_BYTES",
                                      "largest activation parameters, the controller's limit too; given to "
                                      "action runtimes, whose /run refuses more", "bytes")

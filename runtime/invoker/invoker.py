@@ -23,7 +23,7 @@ import click
 import redis
 import requests
 
-from controller_plugin import state
+from controller_plugin import attainment, state
 from controller_plugin.api import models_of
 from controller_plugin.routing import NodePicker
 from controller_plugin.state import APPLICATION_ERROR, DEVELOPER_ERROR, SUCCESS, WHISK_ERROR
@@ -45,6 +45,11 @@ POLL_S = 1.0
 PREFETCH_THREADS = 4
 PREFETCH_TIMEOUT_S = 10.0
 GPU_PROBE_TIMEOUT_S = 1.0
+# A GPU server whose liveness key lapsed while its socket still accepts connections is alive
+# but stalled (its key-renewing thread got no GIL for a while: a CUDA graph instantiation or a
+# pinned allocation can hold it for seconds, as on a 2xH200 node warming 200 functions); it
+# counts as down, hung, only after this long.
+GPU_STALL_GRACE_S = 10.0
 # In-flight messages no worker here runs are looked for after every Redis failure, and this
 # often anyway (a move whose answer a crash swallowed leaves no error behind).
 ORPHAN_SCAN_S = 10.0
@@ -60,6 +65,21 @@ end
 return 0
 """
 DEFAULT_LIMITS = {"timeout": 60000, "memory": 256, "logs": 10, "concurrency": 1}
+
+
+def socket_accepts(path: str, timeout_s: float = 0.2) -> bool:
+    """Whether a process listens on the Unix socket ``path``: the kernel completes a
+    connection into the listen backlog even while the listener is too busy to accept it, and
+    refuses it once the listener is gone."""
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout_s)
+        try:
+            sock.connect(path)
+            return True
+        except OSError:
+            return False
 
 
 def now_ms() -> int:
@@ -201,6 +221,7 @@ class Invoker:
         # GPU server liveness as the invoker last saw it: None until its key was first seen
         # (a node without a GPU server, or one still starting, keeps taking work)
         self._gpu_up: bool | None = None
+        self._gpu_lapsed_since: float | None = None  # monotonic time its liveness key was first missed
         self._gpu_outages = 0
         self._gpu_lock = threading.Lock()
         # messages BLMOVEd by this process and not yet finished; anything else in flight after
@@ -305,8 +326,11 @@ class Invoker:
     # --- the node's GPU server -------------------------------------------------------------
 
     def _watch_gpu(self) -> None:
-        """Follows the GPU server's liveness key ``torpor:node:{id}:gpu`` (its publisher renews
-        it every half second, so it lapses within 1.5 s of a crash).
+        """Follows the GPU server's liveness key ``torpor:node:{id}:gpu`` (renewed every half
+        second, so it lapses within 1.5 s of a crash). A lapsed key means down when the
+        server's socket refuses connections too (the process is gone); when the socket still
+        accepts, the server is stalled, and it counts as down only once the key has stayed
+        lapsed for ``GPU_STALL_GRACE_S``.
 
         Raises:
             redis.RedisError: Redis unreachable.
@@ -314,9 +338,19 @@ class Invoker:
         if not self.gpu_socket:
             return
         if self.redis.exists(self.gpu_alive_key):
+            self._gpu_lapsed_since = None
             self._gpu_state(True, "its liveness key is back")
-        elif self._gpu_up is not None:
-            self._gpu_state(False, "its liveness key lapsed")
+            return
+        if self._gpu_up is None:
+            return
+        now = time.monotonic()
+        if self._gpu_lapsed_since is None:
+            self._gpu_lapsed_since = now
+        if not socket_accepts(self.gpu_socket):
+            self._gpu_state(False, "its liveness key lapsed and its socket refuses connections")
+        elif now - self._gpu_lapsed_since >= GPU_STALL_GRACE_S:
+            self._gpu_state(False, f"its liveness key lapsed {GPU_STALL_GRACE_S:g} s ago while its socket "
+                                   "still accepts: it is hung")
 
     def _gpu_state(self, up: bool, why: str) -> None:
         """Records that the GPU server is ``up`` or not. While it is down the node's alive key
@@ -440,6 +474,11 @@ class Invoker:
         except Exception:
             log.exception("activation message %r failed", raw[:200])
         finally:
+            try:
+                # the device slot the controller booked for it (routing.NodePicker) is free again
+                self._picker.release(self.settings.node_id, raw)
+            except redis.RedisError as exc:
+                log.warning("could not release the booking of %r (it lapses at its expiry): %s", raw[:120], exc)
             with self._active_lock:
                 self._active.discard(raw)
             if failed_on_redis:  # after the discard, so that the rescan finds the message orphaned
@@ -476,11 +515,13 @@ class Invoker:
         except _Redispatched:
             self.redis.lrem(self.inflight_key, 1, raw)
             return
-        self._store(raw, record)
+        self._store(raw, record, msg)
 
-    def _store(self, raw: bytes, record: dict) -> None:
-        """Stores the final record and drops the message from in flight, trying again while
-        Redis is unreachable (a restart) until the invoker gives up its running work.
+    def _store(self, raw: bytes, record: dict, msg: dict) -> None:
+        """Stores the final record, then drops the message from in flight and counts the
+        activation's SLO attainment (``controller_plugin.attainment``) in one transaction,
+        trying again while Redis is unreachable (a restart) until the invoker gives up its
+        running work.
 
         Raises:
             redis.RedisError: Redis still fails when the invoker stops; the message stays in
@@ -490,7 +531,10 @@ class Invoker:
         while True:
             try:
                 state.finish_activation(self.redis, record)
-                self.redis.lrem(self.inflight_key, 1, raw)
+                with self.redis.pipeline(transaction=True) as pipe:
+                    pipe.lrem(self.inflight_key, 1, raw)
+                    attainment.count(pipe, msg, record, self.settings.node_id)
+                    pipe.execute()
                 return
             except redis.RedisError as exc:
                 if self._abandon.is_set():
@@ -527,20 +571,29 @@ class Invoker:
         return record
 
     def _log_activation(self, msg: dict, record: dict, prefetches: list[Future]) -> None:
-        """The activation's one log line: id, action, node, GPU (the devices the prefetches
-        chose, when answered by now), wait, init, duration and status; the same as JSON
+        """The activation's one log line: id, action, node, GPU and path (what the prefetches
+        of its models answered by now: devices, ``resident``/``pcie``/``nvlink``), wait, swap
+        (GPU server time of the prefetches that started a swap-in), init, duration, status and
+        SLO (latency from submission to the end, whether it met the SLO); the same as JSON
         fields with ``--log-format json``."""
         notes = {a["key"]: a["value"] for a in record["annotations"]}
-        gpus = sorted({f.result() for f in prefetches if f.done() and f.result() is not None}) or None
+        replies = [f.result() for f in prefetches if f.done() and f.result() is not None]
+        gpus = sorted({p["device"] for p in replies}) or None
+        paths = sorted({p["path"] for p in replies if "path" in p}) or None  # older GPU servers say no path
+        swap_ms = round(sum(p.get("server_ms", 0) for p in replies if p.get("swap_in")), 1) if paths else None
+        latency_ms, slo_ms, met = attainment.judge(msg, record)
         fields = {"event": "activation", "activation_id": record["activationId"], "namespace": record["namespace"],
                   "action": record["name"], "node": self.settings.node_id, "models": msg.get("models") or [],
-                  "gpu": gpus, "wait_ms": notes.get("waitTime"), "init_ms": notes.get("initTime"),
-                  "duration_ms": record["duration"], "status": record["response"]["status"],
-                  "status_code": record["response"]["statusCode"]}
-        log.info("activation %s %s/%s node %s gpu %s: %s in %d ms (wait %s ms, %s)", fields["activation_id"],
-                 fields["namespace"], fields["action"], fields["node"],
-                 ",".join(map(str, gpus)) if gpus else "-", fields["status"], fields["duration_ms"], fields["wait_ms"],
-                 "warm" if fields["init_ms"] is None else f"init {fields['init_ms']} ms", extra={"fields": fields})
+                  "gpu": gpus, "path": paths, "wait_ms": notes.get("waitTime"), "swap_ms": swap_ms,
+                  "init_ms": notes.get("initTime"), "duration_ms": record["duration"],
+                  "status": record["response"]["status"], "status_code": record["response"]["statusCode"],
+                  "latency_ms": latency_ms, "slo_ms": slo_ms, "slo_met": met}
+        log.info("activation %s %s/%s node %s gpu %s path %s: %s in %d ms (wait %s ms, swap %s ms, %s; SLO %g ms %s)",
+                 fields["activation_id"], fields["namespace"], fields["action"], fields["node"],
+                 ",".join(map(str, gpus)) if gpus else "-", ",".join(paths) if paths else "-", fields["status"],
+                 fields["duration_ms"], fields["wait_ms"], "-" if swap_ms is None else swap_ms,
+                 "warm" if fields["init_ms"] is None else f"init {fields['init_ms']} ms", slo_ms,
+                 "met" if met else "missed", extra={"fields": fields})
 
     def _execute(self, msg: dict) -> tuple[dict | None, Outcome]:
         ns, name = msg["namespace"], msg["action"]
@@ -628,19 +681,19 @@ class Invoker:
     def _prefetch(self, models: list[str], gpu: int | None) -> list[Future]:
         """Asks the GPU server to start swapping each model in, on the prefetch threads: the
         activation never waits for the answer. Failures are only logged, since the action's
-        own model call loads the model anyway. Returns the futures of the chosen devices
-        (None for a failed prefetch)."""
+        own model call loads the model anyway. Returns the futures of the replies (``device``,
+        ``swap_in``, ``path``, ``server_ms``; None for a failed prefetch)."""
         if not models or not self.gpu_socket:
             return []
         return [self._prefetcher.submit(self._prefetch_one, model, gpu) for model in models]
 
-    def _prefetch_one(self, model: str, gpu: int | None) -> int | None:
+    def _prefetch_one(self, model: str, gpu: int | None) -> dict | None:
         try:
             if self._gpu_client is None:
                 from runtime.client import GPUServerClient
 
                 self._gpu_client = GPUServerClient(self.gpu_socket, token=self._admin_token, timeout_s=PREFETCH_TIMEOUT_S)
-            return self._gpu_client.prefetch(model, gpu)
+            return self._gpu_client.prefetch_info(model, gpu)
         except Exception as exc:
             log.warning("prefetch of %s failed: %s", model, exc)
             return None
