@@ -47,7 +47,7 @@ def test_a_registration_is_a_version_folder_behind_a_relative_symlink(repo):
     assert link.is_symlink() and target.startswith(f"{VERSIONS}/m-") and not os.path.isabs(target)
     spec = repo.spec("m")
     assert Path(spec.path) == repo.resolve("m") == (repo.root / target).resolve()
-    assert sorted(p.name for p in Path(spec.path).iterdir()) == ["model.json", "model.safetensors"]
+    assert sorted(p.name for p in Path(spec.path).iterdir()) == ["layout.json", "model.json", "model.safetensors"]
     assert repo.names() == ["m"] and not list((repo.root / STAGING).iterdir())
 
 

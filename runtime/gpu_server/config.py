@@ -37,7 +37,8 @@ class GPUServerSettings:
                                      "largest torch.export program a function may register (register_program)", "bytes")
     room_timeout_s: float = setting(30.0, "TORPOR_ROOM_TIMEOUT_S", "longest wait for device room held by models in use", "s")
     max_loads: int = setting(2, "TORPOR_MAX_LOADS", "models loading into the host store at once at most "
-                             "(a load is CPU-bound: build, first-use trace, pack)")
+                             "(a load is CPU-bound: reading and packing the weights; without a stored layout also "
+                             "building and tracing the model)")
     publish_interval_s: float = setting(0.5, "TORPOR_PUBLISH_INTERVAL_S", "period of device-state updates in Redis", "s")
     torch_threads: int = setting(0, "TORPOR_TORCH_THREADS", "intra-op CPU threads of torch (0: torch's default)")
     mmap_threshold: int = setting(128 << 10, "TORPOR_MMAP_THRESHOLD",

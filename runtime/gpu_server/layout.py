@@ -54,6 +54,44 @@ class Layout:
         """Weight name → its slot (tied names map to one slot)."""
         return {n: s for s in self.slots for n in s.names}
 
+    def to_json(self) -> dict:
+        """A JSON-serialisable form (dtypes by name, ``float32``...); :meth:`from_json` reads it."""
+        return {"total_bytes": self.total_bytes, "traced": self.traced, "first_use_end": self.first_use_end,
+                "slots": [{"names": list(s.names), "offset": s.offset, "nbytes": s.nbytes, "shape": list(s.shape),
+                           "dtype": str(s.dtype).removeprefix("torch.")} for s in self.slots]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Layout":
+        """The layout :meth:`to_json` described.
+
+        Raises:
+            ValueError: a field is missing or malformed, an unknown dtype, or slots that
+                overlap, are misaligned, disagree with their shape and dtype, or run past
+                ``total_bytes``.
+        """
+        try:
+            slots = []
+            for s in data["slots"]:
+                dtype = getattr(torch, s["dtype"])
+                if not isinstance(dtype, torch.dtype):
+                    raise ValueError(f"unknown dtype {s['dtype']!r}")
+                slots.append(Slot(tuple(s["names"]), int(s["offset"]), int(s["nbytes"]), tuple(s["shape"]), dtype))
+            layout = cls(slots, int(data["total_bytes"]), {str(k): int(v) for k, v in data["first_use_end"].items()},
+                         bool(data["traced"]))
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ValueError(f"malformed layout: {type(exc).__name__}: {exc}") from exc
+        end = 0
+        for slot in sorted(layout.slots, key=lambda s: s.offset):
+            numel = 1
+            for d in slot.shape:
+                numel *= d
+            if slot.offset < end or slot.offset % ALIGNMENT or slot.nbytes != numel * slot.dtype.itemsize:
+                raise ValueError(f"malformed layout: slot {slot.names[0]} at {slot.offset} ({slot.nbytes} bytes)")
+            end = slot.offset + slot.nbytes
+        if end > layout.total_bytes:
+            raise ValueError(f"malformed layout: slots end at {end}, past total_bytes {layout.total_bytes}")
+        return layout
+
 
 def _align(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT

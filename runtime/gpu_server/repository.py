@@ -18,6 +18,7 @@ On disk (``TORPOR_MODEL_REPO``)::
     ROOT/NAME -> .versions/NAME-<32 hex>     a relative symlink: the current version
     ROOT/.versions/NAME-<32 hex>/            one folder per registration, never modified
         model.json, model.safetensors          once published
+        layout.json [, extra.safetensors]      safetensors models: the traced layout (store.load)
     ROOT/.staging/NAME-<32 hex>/             a registration being validated
     ROOT/.staging/<32 hex>.link              the new symlink, just before it replaces ROOT/NAME
 
@@ -57,12 +58,15 @@ import torch
 from torch import nn
 
 from runtime.gpu_server import zoo
+from runtime.gpu_server.layout import Layout, named_weights, trace_layout
 from runtime.settings import from_kwargs, options, setting
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
 FORMATS = ("safetensors", "state_dict", "export")
 EXAMPLE_DYNAMIC_DIM = 8  # size given to a dynamic dimension in the registration trace
+LAYOUT_FILE = "layout.json"  # a version's traced first-use layout (safetensors models)
+EXTRA_WEIGHTS_FILE = "extra.safetensors"  # weights its safetensors file lacks (non-persistent buffers)
 VERSIONS = ".versions"
 STAGING = ".staging"
 VERSION_GRACE_S = 300.0  # a superseded version is kept at least this long, s (module docstring)
@@ -167,6 +171,24 @@ def build(spec: ModelSpec) -> nn.Module:
     return module.eval().requires_grad_(False) if isinstance(module, nn.Module) else module
 
 
+def write_layout(folder: Path, spec: ModelSpec, module: nn.Module, layout: Layout) -> None:
+    """Stores ``layout`` (the first-use order traced at registration) in ``folder`` as
+    :data:`LAYOUT_FILE`, and in :data:`EXTRA_WEIGHTS_FILE` the weights of ``module`` that its
+    safetensors file lacks (non-persistent buffers such as BERT's ``position_ids``), so that a
+    GPU server can pack the model without building it on the CPU or tracing it again
+    (store.load)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(folder / spec.weights), framework="pt") as f:
+        stored = set(f.keys())
+    weights = named_weights(module)
+    extra = {s.names[0]: weights[s.names[0]].contiguous() for s in layout.slots if stored.isdisjoint(s.names)}
+    if extra:
+        save_file(extra, str(folder / EXTRA_WEIGHTS_FILE))
+    (folder / LAYOUT_FILE).write_text(json.dumps(layout.to_json()))
+
+
 def file_digest(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -256,12 +278,12 @@ class Repository:
             spec.digest = file_digest(stage / spec.weights)
             module = build(spec)
             try:
-                with torch.no_grad():
-                    module(*[i.example() for i in spec.inputs])
+                layout = trace_layout(module, tuple(i.example() for i in spec.inputs))
             except Exception as exc:  # any failure of the forward pass means the inputs do not fit
                 raise ModelLoadError(f"model {spec.name} does not run on its declared inputs: {type(exc).__name__}: {exc}") from exc
-            from runtime.gpu_server.layout import named_weights
-            spec.bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in named_weights(module).values()}.values())
+            spec.bytes = sum(slot.nbytes for slot in layout.slots)
+            if spec.format == "safetensors":
+                write_layout(stage, spec, module, layout)
             spec.write(stage)
             version = self.root / VERSIONS / stage.name
             version.parent.mkdir(exist_ok=True)

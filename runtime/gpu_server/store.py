@@ -4,15 +4,21 @@ execution order (layout.py)."""
 from __future__ import annotations
 
 import copy
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
-from runtime.gpu_server.layout import Layout, bind, pack, trace_layout
-from runtime.gpu_server.repository import ModelLoadError, ModelSpec, Repository, VersionGone, build
+from runtime.gpu_server import zoo
+from runtime.gpu_server.layout import Layout, bind, named_weights, pack, trace_layout
+from runtime.gpu_server.repository import (EXTRA_WEIGHTS_FILE, LAYOUT_FILE, ModelLoadError, ModelSpec, Repository,
+                                           VersionGone, build)
 
 
 @dataclass
@@ -48,11 +54,23 @@ class HostModel:
 
 
 def load(spec: ModelSpec, pin: bool) -> HostModel:
-    """Builds ``spec``, traces its first-use order and packs it into one host buffer.
+    """Packs ``spec``'s weights into one host buffer in first-use order.
+
+    A safetensors model registered with its layout (repository.write_layout) is packed
+    straight from its files: the template is built on the ``meta`` device (no weight
+    initialisation, which costs seconds per large model on a CPU) and no forward pass runs.
+    Anything else — other formats, older registrations, an architecture whose construction
+    needs real tensors, a layout that no longer names the template's weights (the
+    architecture's library changed) — is built on the CPU, traced and packed.
 
     Raises:
-        ModelLoadError: it does not build, load or run on its declared inputs.
+        VersionGone: the version folder was collected meanwhile (resolve the name again).
+        ModelLoadError: it does not build, load or run on its declared inputs, or its files
+            disagree with its layout.
     """
+    packed = _load_packed(spec, pin)
+    if packed is not None:
+        return packed
     module = build(spec)
     try:
         layout = trace_layout(module, tuple(i.example() for i in spec.inputs))
@@ -61,6 +79,46 @@ def load(spec: ModelSpec, pin: bool) -> HostModel:
     buffer = torch.empty(layout.total_bytes, dtype=torch.uint8, pin_memory=pin)
     pack(module, layout, buffer)
     template = module.to("meta")
+    return HostModel(spec, layout, buffer, template)
+
+
+def _load_packed(spec: ModelSpec, pin: bool) -> HostModel | None:
+    """The fast path of :func:`load`; None when it does not apply."""
+    folder = Path(spec.path)
+    if spec.format != "safetensors" or not spec.architecture or not (folder / LAYOUT_FILE).is_file():
+        return None
+    try:
+        layout = Layout.from_json(json.loads((folder / LAYOUT_FILE).read_text()))
+    except FileNotFoundError as exc:
+        raise VersionGone(f"model {spec.name}: version {spec.path} was collected while loading") from exc
+    except ValueError as exc:
+        raise ModelLoadError(f"model {spec.name}: {folder / LAYOUT_FILE}: {exc}") from exc
+    try:
+        with torch.device("meta"):
+            template = zoo.build(spec.architecture, spec.config)
+    except Exception:  # e.g. a constructor that reads a tensor's value: the CPU path builds it
+        return None
+    if set(named_weights(template)) != {n for s in layout.slots for n in s.names}:
+        return None
+    buffer = torch.empty(layout.total_bytes, dtype=torch.uint8, pin_memory=pin)
+    files = [folder / spec.weights] + [p for p in (folder / EXTRA_WEIGHTS_FILE,) if p.is_file()]
+    try:
+        with ExitStack() as stack:
+            opened = [stack.enter_context(safe_open(str(p), framework="pt")) for p in files]
+            keys = [set(f.keys()) for f in opened]
+            for slot in layout.slots:
+                source = next(((f, n) for f, k in zip(opened, keys) for n in slot.names if n in k), None)
+                if source is None:
+                    raise ModelLoadError(f"model {spec.name}: weight {slot.names[0]} is in its layout but not in its files")
+                tensor = source[0].get_tensor(source[1])
+                if tuple(tensor.shape) != slot.shape or tensor.dtype != slot.dtype:
+                    raise ModelLoadError(f"model {spec.name}: weight {source[1]} is {tuple(tensor.shape)} {tensor.dtype} in "
+                                         f"its file and {slot.shape} {slot.dtype} in its layout")
+                buffer[slot.offset:slot.offset + slot.nbytes].copy_(tensor.reshape(-1).view(torch.uint8))
+    except FileNotFoundError as exc:
+        raise VersionGone(f"model {spec.name}: version {spec.path} was collected while loading") from exc
+    except (OSError, SafetensorError) as exc:
+        raise ModelLoadError(f"model {spec.name} does not load: {type(exc).__name__}: {exc}") from exc
     return HostModel(spec, layout, buffer, template)
 
 
@@ -73,8 +131,9 @@ class ModelStore:
     resolved (repository.py: a registration replacing the model meanwhile is not seen), and
     resolves once more when that version was collected before its files were opened.
 
-    At most ``max_loads`` models load at once: a load is CPU-bound Python (building the
-    module, tracing its first-use order), and hundreds of first requests loading in parallel
+    At most ``max_loads`` models load at once: a load is CPU-bound (reading and packing the
+    weights; without a stored layout also building and tracing the module in Python), and
+    hundreds of first requests loading in parallel
     thrash the cores and starve the server's other threads of the GIL (its liveness key
     lapsed that way on a 2×H200 node warming 200 functions with 64 loads at once).
 

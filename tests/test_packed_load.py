@@ -1,0 +1,155 @@
+"""Loading a registered model from its stored layout (repository.write_layout, store.load): the
+layout traced at registration is written beside the weights, and a GPU server packs the host
+buffer straight from the files, with the template built on the meta device and no forward
+pass. The packed buffer must be the one the CPU path (build, trace, pack) produces, and
+served outputs must equal native execution of the same weights."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import models
+from runtime.gpu_server import store as store_module
+from runtime.gpu_server.layout import ALIGNMENT, Layout, named_weights
+from runtime.gpu_server.repository import EXTRA_WEIGHTS_FILE, LAYOUT_FILE, ModelLoadError, Repository
+from runtime.gpu_server.store import HostModel, load
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    with models.torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def repo(tmp_path) -> Repository:
+    return Repository(tmp_path / "models")
+
+
+def slow_load(spec) -> HostModel:
+    """The CPU path of store.load, as when no layout is stored."""
+    layout_file = Path(spec.path) / LAYOUT_FILE
+    saved = layout_file.read_bytes()
+    layout_file.unlink()
+    try:
+        return load(spec, pin=False)
+    finally:
+        layout_file.write_bytes(saved)
+
+
+def slot_bytes(model: HostModel) -> list[bytes]:
+    return [model.buffer[s.offset:s.offset + s.nbytes].numpy().tobytes() for s in model.layout.slots]
+
+
+def run(model: HostModel, kind: str) -> list:
+    module = model.instantiate(model.buffer)
+    return models.native(module, models.inputs(kind))
+
+
+@pytest.mark.parametrize("kind", models.SMALL)
+def test_the_packed_load_gives_the_cpu_paths_buffer_without_a_forward_pass(repo, monkeypatch, kind):
+    native = models.register(repo, "m", kind)
+    spec = repo.spec("m")
+    reference = slow_load(spec)
+
+    def no_trace(*_args, **_kwargs):
+        raise AssertionError("the packed load must not trace")
+
+    monkeypatch.setattr(store_module, "trace_layout", no_trace)
+    monkeypatch.setattr(store_module, "build", no_trace)
+    packed = load(spec, pin=False)
+    assert {t.device.type for t in named_weights(packed.template).values()} == {"meta"}
+    assert packed.layout.to_json() == reference.layout.to_json()
+    assert slot_bytes(packed) == slot_bytes(reference)
+    models.assert_same(run(packed, kind), models.native(native, models.inputs(kind)))
+
+
+def test_non_persistent_buffers_travel_in_the_extra_file(repo):
+    native = models.register(repo, "emb", "sentence-embedding")
+    folder = Path(repo.spec("emb").path)
+    from safetensors import safe_open
+    with safe_open(str(folder / EXTRA_WEIGHTS_FILE), framework="pt") as f:
+        extra = set(f.keys())
+    assert extra and all(n.endswith(("position_ids", "token_type_ids")) for n in extra)
+    packed = load(repo.spec("emb"), pin=False)
+    models.assert_same(run(packed, "sentence-embedding"), models.native(native, models.inputs("sentence-embedding")))
+
+
+def test_tied_weights_are_packed_once(repo):
+    models.register(repo, "g", "gpt2")
+    packed = load(repo.spec("g"), pin=False)
+    slot = packed.layout.slot_of()["model.lm_head.weight"]
+    assert "model.transformer.wte.weight" in slot.names
+    module = packed.instantiate(packed.buffer)
+    assert module.get_submodule("model.lm_head").weight.data_ptr() == \
+        module.get_submodule("model.transformer.wte").weight.data_ptr()
+
+
+def test_a_registration_without_a_layout_is_loaded_by_the_cpu_path(repo):
+    native = models.register(repo, "old", "resnet")
+    spec = repo.spec("old")
+    (Path(spec.path) / LAYOUT_FILE).unlink()
+    models.assert_same(run(load(spec, pin=False), "resnet"), models.native(native, models.inputs("resnet")))
+
+
+def test_a_layout_that_names_other_weights_falls_back_to_the_cpu_path(repo):
+    native = models.register(repo, "renamed", "resnet")
+    layout_file = Path(repo.spec("renamed").path) / LAYOUT_FILE
+    data = json.loads(layout_file.read_text())
+    data["slots"][0]["names"] = ["no.such.weight"]
+    layout_file.write_text(json.dumps(data))
+    models.assert_same(run(load(repo.spec("renamed"), pin=False), "resnet"), models.native(native, models.inputs("resnet")))
+
+
+def test_a_layout_that_disagrees_with_the_weights_file_is_a_load_error(repo):
+    models.register(repo, "bad", "resnet")
+    layout_file = Path(repo.spec("bad").path) / LAYOUT_FILE
+    data = json.loads(layout_file.read_text())
+    first = data["slots"][0]
+    first["shape"] = [first["nbytes"] // 4]  # same bytes, other shape than in the file
+    layout_file.write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match=first["names"][0]):
+        load(repo.spec("bad"), pin=False)
+
+
+def test_a_malformed_layout_is_a_load_error_naming_the_file(repo):
+    models.register(repo, "junk", "resnet")
+    (Path(repo.spec("junk").path) / LAYOUT_FILE).write_text('{"slots": 3}')
+    with pytest.raises(ModelLoadError, match=LAYOUT_FILE):
+        load(repo.spec("junk"), pin=False)
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda s: s[1].update(offset=s[0]["offset"]), "slot"),            # overlaps the first
+    (lambda s: s[1].update(offset=s[1]["offset"] + 4), "slot"),        # misaligned
+    (lambda s: s[0].update(dtype="float16"), "slot"),                  # bytes disagree with dtype
+    (lambda s: s[0].update(dtype="not_a_dtype"), "malformed"),
+])
+def test_layout_from_json_refuses_inconsistent_slots(change, problem):
+    layout = Layout.from_json({"total_bytes": 4 * ALIGNMENT, "traced": True, "first_use_end": {"": 2 * ALIGNMENT},
+                               "slots": [{"names": ["a"], "offset": 0, "nbytes": 64, "shape": [16], "dtype": "float32"},
+                                         {"names": ["b"], "offset": ALIGNMENT, "nbytes": 8, "shape": [2, 1],
+                                          "dtype": "float32"}]})
+    data = layout.to_json()
+    assert Layout.from_json(data).to_json() == data
+    change(data["slots"])
+    with pytest.raises(ValueError, match=problem):
+        Layout.from_json(data)
+
+
+def test_layout_from_json_refuses_slots_past_the_end():
+    with pytest.raises(ValueError, match="past total_bytes"):
+        Layout.from_json({"total_bytes": ALIGNMENT, "traced": True, "first_use_end": {},
+                          "slots": [{"names": ["a"], "offset": 0, "nbytes": 1024, "shape": [256],
+                                     "dtype": "float32"}]})
+
+
+def test_a_packed_model_is_served_equal_to_native_through_the_store(repo):
+    from runtime.gpu_server.store import ModelStore
+    native = models.register(repo, "served", "vit")
+    model = ModelStore(repo, pin=False).get("served")
+    assert all(t.device == torch.device("meta") for t in named_weights(model.template).values())
+    models.assert_same(run(model, "vit"), models.native(native, models.inputs("vit")))
