@@ -401,6 +401,30 @@ def test_pick_prefers_live_nodes(redis_url):
 # Scoring by predicted latency (locality, busy devices, bookings) is tested in tests/test_routing.py.
 
 
+def test_the_controllers_predictor_is_seeded_from_its_profiles_setting(redis_url, tmp_path):
+    from controller_plugin.api import node_picker
+    profiles = tmp_path / "h200-swap.json"
+    profiles.write_text(json.dumps({"models": {"resnet50": {"bytes": 102_000_000, "served_warm_ms": 0.9}}}))
+    r = redis.Redis.from_url(redis_url, decode_responses=True)
+    picker = node_picker(ControllerSettings(profiles=str(profiles), gpu_kind="NVIDIA H200", device_slots=2), r)
+    assert picker.kind == "NVIDIA H200" and picker.default_slots == 2
+    assert picker.predictor.exec_ms("resnet50", "NVIDIA H200") == 0.9
+    assert picker.predictor.profile("resnet50", "NVIDIA H200").bytes == 102_000_000
+    unseeded = node_picker(ControllerSettings(), r)
+    assert unseeded.predictor.exec_ms("resnet50") == unseeded.predictor.default_exec_ms != 0.9
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"TORPOR_CONTROLLER_PROFILES": "/no/such/file.json"}, "TORPOR_CONTROLLER_PROFILES"),
+    ({"TORPOR_DEVICE_SLOTS": "-1"}, "must be >= 0"),
+])
+def test_the_controller_refuses_bad_profiles_and_slots_at_start(redis_url, env, fragment):
+    from click.testing import CliRunner
+    from controller_plugin.api import command
+    result = CliRunner().invoke(command, ["--redis-url", redis_url], env=env)
+    assert result.exit_code == 2 and fragment in result.output
+
+
 def test_pick_is_atomic_under_concurrency(redis_url):
     r = redis.Redis.from_url(redis_url, decode_responses=True)
     add_node(r, "n1")
