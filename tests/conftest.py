@@ -1,5 +1,5 @@
-"""Shared fixtures: a real redis-server per test session, flushed between tests; the real
-controller app served on loopback."""
+"""Shared fixtures: one torch thread, an empty model repository, a real redis-server per test
+session flushed between tests, the real controller app served on loopback."""
 from __future__ import annotations
 
 import contextlib
@@ -9,7 +9,23 @@ from collections.abc import Iterator
 import pytest
 import redis
 
+import models
+from runtime.gpu_server.repository import Repository
 from runtime.redis_server import RedisServer
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for the module's tests: served and native runs then give
+    bitwise-equal outputs, and two cores are not oversubscribed (tests/models.py)."""
+    with models.torch_threads(1):
+        yield
+
+
+@pytest.fixture
+def repo(tmp_path) -> Repository:
+    """An empty model repository under the test's temporary folder."""
+    return Repository(tmp_path / "models")
 
 
 @pytest.fixture(scope="session")

@@ -29,10 +29,7 @@ NOGROUP = 65534  # nogroup / nobody on Debian
 MAX_INPUT_BYTES = 64 << 20
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    with models.torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Served:

@@ -93,11 +93,7 @@ class Api:
         return requests.get(f"{self.base}/{namespace}/activations/{activation_id}", auth=auth, timeout=30)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    # served and native runs give bitwise-equal outputs with the same thread count
-    with models.torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

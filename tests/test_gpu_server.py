@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -22,6 +21,7 @@ import pytest
 import torch
 
 import models
+from gpu_process import stop_process
 from runtime.client import DEFAULT_SHM_BYTES, GPUServerClient, Model, ModelError
 from runtime.gpu_server import protocol
 from runtime.gpu_server.arena import ALIGNMENT as REGION
@@ -32,11 +32,6 @@ from runtime.gpu_server.repository import ModelLoadError, Repository
 from runtime.gpu_server.store import ModelStore
 
 GROUP_BYTES = 1024  # several copy groups even for a tiny model
-
-
-@pytest.fixture
-def repo(tmp_path) -> Repository:
-    return Repository(tmp_path / "models")
 
 
 def make_node(repo: Repository, devices: int, regions: int) -> Node:
@@ -60,10 +55,7 @@ def swap_ins(node: Node) -> int:
     return sum(e.stats.swap_ins for e in node.executors)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    with models.torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- executor and node
@@ -269,16 +261,6 @@ def start_server(root: Path, repo: Repository) -> subprocess.Popen:
     raise RuntimeError("gpu-server did not start within 60 s")
 
 
-def stop_server(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 class Served:
     """The server process of this module and the native modules of its models."""
 
@@ -314,7 +296,7 @@ def served_module():
     root = Path(tempfile.mkdtemp(prefix="torpor-test-", dir="/tmp"))
     s = Served(root)
     yield s
-    stop_server(s.proc)
+    stop_process(s.proc)
     shutil.rmtree(root, ignore_errors=True)
 
 
@@ -594,7 +576,7 @@ def test_shutdown_removes_the_socket_and_leaves_client_segments_to_the_client(se
     models.assert_same(client.infer("vit", arrays), models.native(server.natives["vit"], arrays))
     segment = Path("/dev/shm") / client._local.shm.name
     assert segment.exists()
-    stop_server(server.proc)
+    stop_process(server.proc)
     assert server.proc.returncode == 0
     assert not Path(server.socket).exists()
     # the server attached to the segment, but it is the client's to remove, even once the

@@ -25,10 +25,7 @@ def packed(module: nn.Module, layout) -> torch.Tensor:
     return buffer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    with models.torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ---------------------------------------------------------------- layout

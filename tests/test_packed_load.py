@@ -14,19 +14,11 @@ import torch
 import models
 from runtime.gpu_server import store as store_module
 from runtime.gpu_server.layout import ALIGNMENT, Layout, named_weights
-from runtime.gpu_server.repository import EXTRA_WEIGHTS_FILE, LAYOUT_FILE, ModelLoadError, Repository
+from runtime.gpu_server.repository import EXTRA_WEIGHTS_FILE, LAYOUT_FILE, ModelLoadError
 from runtime.gpu_server.store import HostModel, load
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    with models.torch_threads(1):
-        yield
-
-
-@pytest.fixture
-def repo(tmp_path) -> Repository:
-    return Repository(tmp_path / "models")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def slow_load(spec) -> HostModel:

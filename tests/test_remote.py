@@ -26,7 +26,8 @@ from runtime.gpu_server.program_check import UnsafeProgram, check_program
 from runtime.gpu_server.repository import STAGING, VERSIONS, ModelSpec, Repository, TensorSpec
 from runtime.remote import UnservableOutput, export_failure, remote
 from runtime.up import Stack, UpSettings
-from test_gpu_server import start_server, stop_server
+from gpu_process import stop_process
+from test_gpu_server import start_server
 
 MODEL_SOURCE = '''
 import torch
@@ -225,7 +226,7 @@ def server(monkeypatch_module):
     monkeypatch_module.setenv("TORPOR_MAX_PROGRAM_BYTES", str(MAX_PROGRAM_BYTES))
     proc = start_server(root, repo)
     yield root, repo
-    stop_server(proc)
+    stop_process(proc)
     shutil.rmtree(root, ignore_errors=True)
 
 

@@ -21,15 +21,7 @@ from runtime.gpu_server.store import ModelStore
 LONG_AGO = 1_000_000_000  # an mtime (2001) older than any grace period
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    with models.torch_threads(1):
-        yield
-
-
-@pytest.fixture
-def repo(tmp_path) -> Repository:
-    return Repository(tmp_path / "models")
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def output(module, arrays) -> np.ndarray:
