@@ -313,8 +313,8 @@ def calls(client, x: np.ndarray, n: int) -> tuple[list[float], list[float]]:
     replies = []
     call = client.call
 
-    def keep_reply(header, payload=b""):
-        reply = call(header, payload)
+    def keep_reply(header, payload=b"", segment=None):
+        reply = call(header, payload, segment)
         replies.append(reply[0])
         return reply
 

@@ -5,7 +5,7 @@ NAME`` prints, or ``GET /api/v1/namespaces/{ns}/actions/{name}`` returns) and wr
 Knative Service that runs it on the Torpor runtime image. The Service is built on a base
 Service -- by default the sample ``knative/function-service.yaml`` -- whose action-specific
 parts (name, code, entry point, limits, model and SLO annotations) are replaced, so the
-platform wiring (GPU-server socket mount, node selector, IPC, autoscaling) has one source.
+platform wiring (GPU-server socket mount, node selector, autoscaling) has one source.
 
 The runtime initialises itself from the environment under Knative (``__OW_ACTION_CODE``,
 ``__OW_ACTION_MAIN``, ``__OW_ACTION_BINARY``, ``__OW_ACTION_NAME`` with

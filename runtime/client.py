@@ -4,7 +4,8 @@
     logits = Model("resnet50")(image)   # image: numpy array (or CPU torch tensor)
 
 One request per model call goes to the node's GPU server over a Unix socket; input and
-output tensors travel through a shared-memory segment owned by this process. Nothing here
+output tensors travel through a shared-memory segment owned by this process (a sealed memfd
+whose descriptor goes to the server over the socket: protocol.Segment). Nothing here
 imports torch or touches CUDA: the action process never creates a CUDA context nor holds
 model weights.
 """
@@ -13,8 +14,6 @@ from __future__ import annotations
 import os
 import socket
 import threading
-import uuid
-from multiprocessing import shared_memory
 
 import numpy as np
 
@@ -91,21 +90,23 @@ class GPUServerClient:
                 sock.close()
                 raise ModelError(503, "unavailable", f"GPU server at {self.socket_path} is unavailable: {exc}") from None
             self._local.sock = sock
+            self._local.announced = None  # a new connection has seen no segment yet
         return sock
 
-    def _shm(self, nbytes: int) -> shared_memory.SharedMemory:
-        shm = getattr(self._local, "shm", None)
-        if shm is None or shm.size < nbytes:
-            if shm is not None:
-                shm.close()
-                shm.unlink()
-            shm = shared_memory.SharedMemory(name=f"torpor-{os.getpid()}-{uuid.uuid4().hex[:8]}", create=True,
-                                             size=max(nbytes, DEFAULT_SHM_BYTES))
-            self._local.shm = shm
-        return shm
+    def segment(self, nbytes: int) -> protocol.Segment:
+        """This thread's shared-memory segment, replaced by a larger one when it holds less
+        than ``nbytes`` bytes."""
+        segment = getattr(self._local, "segment", None)
+        if segment is None or segment.size < nbytes:
+            if segment is not None:
+                segment.close()
+            segment = self._local.segment = protocol.Segment.create(max(nbytes, DEFAULT_SHM_BYTES))
+        return segment
 
-    def call(self, header: dict, payload: bytes = b"") -> tuple[dict, bytes]:
-        """Sends one request and returns the reply (header, payload).
+    def call(self, header: dict, payload: bytes = b"", segment: protocol.Segment | None = None) -> tuple[dict, bytes]:
+        """Sends one request and returns the reply (header, payload). ``segment``: the
+        shared memory the request names (``"shm"``); its descriptor goes with the request
+        when this connection has not been given it yet.
 
         A connection kept from an earlier call that turns out closed (the GPU server was
         restarted since) is replaced by a new one and the request sent once more: every op is
@@ -121,7 +122,8 @@ class GPUServerClient:
             kept = getattr(self._local, "sock", None) is not None
             try:
                 sock = self._sock()
-                protocol.send(sock, header, payload)
+                fds = (segment.fd,) if segment is not None and self._local.announced is not segment else ()
+                protocol.send(sock, header, payload, fds)
                 reply, data = protocol.recv(sock, MAX_REPLY_PAYLOAD)
                 break
             except ModelError:
@@ -133,6 +135,10 @@ class GPUServerClient:
                 self._drop_socket()
                 if not kept:
                     raise ModelError(503, "unavailable", f"GPU server connection failed: {exc}") from None
+        if segment is not None and reply.get("ok"):
+            # known to the server now; after a refusal it is sent again, in case the refusal
+            # came before the server took it
+            self._local.announced = segment
         if not reply.get("ok"):
             raise ModelError(int(reply.get("status", 500)), reply.get("code", "error"), reply.get("error", "unknown error"))
         return reply, data
@@ -145,15 +151,15 @@ class GPUServerClient:
         """
         arrays = [_as_numpy(x) for x in inputs]
         entries, end = protocol.describe(arrays)
-        shm = self._shm(end + (4 << 20))
-        protocol.write(shm.buf, entries, arrays)
-        header = {"op": "infer", "model": model, "shm": shm.name, "shm_bytes": shm.size, "inputs": entries}
+        segment = self.segment(end + (4 << 20))
+        protocol.write(segment.buf, entries, arrays)
+        header = {"op": "infer", "model": model, "shm": segment.id, "inputs": entries}
         if device is not None:
             header["device"] = device
         if timeout_ms is not None:
             header["timeout_ms"] = timeout_ms
-        reply, data = self.call(header)
-        return protocol.read(data if reply.get("payload") else shm.buf, reply["outputs"], copy=True)
+        reply, data = self.call(header, segment=segment)
+        return protocol.read(data if reply.get("payload") else segment.buf, reply["outputs"], copy=True)
 
     def prefetch(self, model: str, device: int | None = None) -> int:
         """Starts swapping ``model`` in on a device (``device`` is a hint); returns the device."""
@@ -212,11 +218,10 @@ class GPUServerClient:
     def close(self) -> None:
         """Closes this thread's socket and frees its shared memory."""
         self._drop_socket()
-        shm = getattr(self._local, "shm", None)
-        if shm is not None:
-            shm.close()
-            shm.unlink()
-            self._local.shm = None
+        segment = getattr(self._local, "segment", None)
+        if segment is not None:
+            segment.close()
+            self._local.segment = None
 
 
 _default: GPUServerClient | None = None

@@ -129,6 +129,11 @@ def native_output(stack, model: str, x: np.ndarray) -> list[float]:
     return models.native(stack.natives[model], [x])[0].ravel()[:64].tolist()
 
 
+def mapped_segments(pid: int) -> int:
+    """Tensor segments (protocol.Segment memfds) mapped by process ``pid``."""
+    return sum("memfd:torpor-tensors" in line for line in Path(f"/proc/{pid}/maps").read_text().splitlines())
+
+
 def held(gpu: GPUServerClient) -> list[tuple[int, int]]:
     """(models in use, requests queued) per device."""
     return [(sum(r["in_use"] for r in d["resident"].values()), d["queue"]) for d in gpu.stats()["devices"]]
@@ -269,10 +274,13 @@ def test_a_payload_over_the_limit_is_a_413_stating_it_at_every_layer(api, runtim
 
 def test_a_run_over_its_timeout_is_a_developer_error_and_leaves_nothing_behind(stack, api, gpu):
     api.deploy("slowcall", CALL, ["slow"], timeout_ms=1000)
+    gpu.infer("slow", [np.full((1, 3, SMALL, SMALL), 0.5, np.float32)])  # loaded: the 1 s is for the call alone
     first = api.invoke("slowcall", {"model": "slow", "shape": [1, 3, SMALL, SMALL]})
     assert first.status_code == 200, first.text
     pid = first.json()["pid"]
-    assert list(Path("/dev/shm").glob(f"torpor-{pid}-*"))  # its client's segment
+    server_pid = dict(stack.procs)["gpu-server"].pid
+    segments_before = mapped_segments(server_pid)
+    assert segments_before  # the container's segment, mapped by the server for its connection
     # ~2 s of model work: the invoker kills the container after 1 s, mid-run
     response = api.invoke("slowcall", {"model": "slow", "shape": [1, 3, 1600, 1600]}, result=False)
     assert response.status_code == 502
@@ -282,7 +290,9 @@ def test_a_run_over_its_timeout_is_a_developer_error_and_leaves_nothing_behind(s
     assert {"key": "timeout", "value": True} in record["annotations"]
     # the GPU work finishes into the void; no model stays in use, nothing queued
     assert wait_until(lambda: held(gpu) == [(0, 0)], 15)
-    assert not list(Path("/dev/shm").glob(f"torpor-{pid}-*"))  # the killed process's segment is gone
+    # the killed process's connection closed: the server unmapped its segment (a memfd, freed
+    # by the kernel with its last mapping)
+    assert wait_until(lambda: mapped_segments(server_pid) < segments_before, 15)
     again = api.invoke("slowcall", {"model": "slow", "shape": [1, 3, SMALL, SMALL]})
     assert again.status_code == 200, again.text
     assert again.json()["pid"] != pid

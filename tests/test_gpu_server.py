@@ -4,6 +4,7 @@ validation, and the real server process over its Unix socket with runtime.client
 served output is compared bitwise with native execution of the same weights."""
 from __future__ import annotations
 
+import array
 import os
 import shutil
 import socket
@@ -13,7 +14,6 @@ import sys
 import tempfile
 import threading
 import time
-from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
@@ -398,9 +398,9 @@ def test_unknown_model_is_a_404(client):
 
 @pytest.mark.parametrize("header, words", [
     ({"op": "fly"}, "unknown op"),
-    ({"op": "infer"}, "'model'"),
+    ({"op": "infer", "shm": "s", "inputs": []}, "unknown shared-memory segment 's'"),
     ({"op": "infer", "model": "resnet"}, "'shm'"),
-    ({"op": "infer", "model": "resnet", "shm": "torpor-no-such-segment", "inputs": []}, "cannot open shared memory"),
+    ({"op": "infer", "model": "resnet", "shm": "torpor-no-such-segment", "inputs": []}, "send its file descriptor"),
     ({"op": "prefetch", "model": "resnet", "device": "zero"}, "'device'"),
 ])
 def test_malformed_requests_are_a_400_and_keep_the_connection(server, client, header, words):
@@ -411,8 +411,8 @@ def test_malformed_requests_are_a_400_and_keep_the_connection(server, client, he
 
 
 def test_malformed_tensor_descriptions_are_a_400(server, client):
-    client.infer("resnet", models.inputs("resnet"))  # creates this thread's segment
-    shm = client._local.shm
+    client.infer("resnet", models.inputs("resnet"))  # creates this thread's segment, known to the server
+    shm = client._local.segment
     good, _ = protocol.describe(models.inputs("resnet"))
     for entries, words in [
         ([{**good[0], "nbytes": 7}], "nbytes does not match"),
@@ -422,10 +422,10 @@ def test_malformed_tensor_descriptions_are_a_400(server, client):
         ([5], "bad tensor description"),
     ]:
         with pytest.raises(ModelError) as err:
-            client.call({"op": "infer", "model": "resnet", "shm": shm.name, "inputs": entries})
+            client.call({"op": "infer", "model": "resnet", "shm": shm.id, "inputs": entries}, segment=shm)
         assert err.value.status == 400 and words in str(err.value), entries
     with pytest.raises(ModelError) as err:
-        client.call({"op": "infer", "model": "resnet", "shm": shm.name, "inputs": good, "timeout_ms": "soon"})
+        client.call({"op": "infer", "model": "resnet", "shm": shm.id, "inputs": good, "timeout_ms": "soon"}, segment=shm)
     assert err.value.status == 400 and "timeout_ms" in str(err.value)
 
 
@@ -510,28 +510,27 @@ def test_outputs_larger_than_the_shared_memory_come_back_inline(server, client):
     models.assert_same(client.infer("gpt2-wide", arrays), want)
     # the same call by hand: the reply carries the logits as its payload
     entries, end = protocol.describe(arrays)
-    shm = shared_memory.SharedMemory(create=True, size=end)
+    shm = protocol.Segment.create(end)
     try:
         protocol.write(shm.buf, entries, arrays)
         with raw_connection(server.socket) as sock:
-            protocol.send(sock, {"op": "infer", "model": "gpt2-wide", "shm": shm.name, "inputs": entries})
+            protocol.send(sock, {"op": "infer", "model": "gpt2-wide", "shm": shm.id, "inputs": entries}, fds=(shm.fd,))
             reply, payload = protocol.recv(sock, 1 << 30)
         assert reply["ok"] and reply["payload"] == len(payload) >= want[0].nbytes
         assert reply["outputs"][0]["offset"] == 0
         models.assert_same(protocol.read(payload, reply["outputs"], copy=True), want)
     finally:
         shm.close()
-        shm.unlink()
 
 
 def test_outputs_are_placed_after_the_inputs_in_shared_memory(server):
     arrays = models.inputs("vit", seed=2)
     entries, end = protocol.describe(arrays)
-    shm = shared_memory.SharedMemory(create=True, size=end + 4096)
+    shm = protocol.Segment.create(end + 4096)
     try:
         protocol.write(shm.buf, entries, arrays)
         with raw_connection(server.socket) as sock:
-            protocol.send(sock, {"op": "infer", "model": "vit", "shm": shm.name, "inputs": entries})
+            protocol.send(sock, {"op": "infer", "model": "vit", "shm": shm.id, "inputs": entries}, fds=(shm.fd,))
             reply, payload = protocol.recv(sock, 1 << 30)
         assert reply["ok"] and not payload and reply["outputs"][0]["offset"] >= end
         assert isinstance(reply["device"], int) and isinstance(reply["swap_in"], bool) and reply["server_ms"] >= 0
@@ -540,7 +539,85 @@ def test_outputs_are_placed_after_the_inputs_in_shared_memory(server):
                            models.native(server.natives["vit"], arrays))
     finally:
         shm.close()
-        shm.unlink()
+
+
+def test_a_segment_is_sent_once_per_connection_and_again_after_a_refusal(server, client):
+    arrays = models.inputs("vit", seed=3)
+    want = models.native(server.natives["vit"], arrays)
+    entries, end = protocol.describe(arrays)
+    shm = protocol.Segment.create(end + 4096)
+    try:
+        protocol.write(shm.buf, entries, arrays)
+        header = {"op": "infer", "model": "vit", "shm": shm.id, "inputs": entries}
+        with raw_connection(server.socket) as sock:
+            protocol.send(sock, header)  # no descriptor yet: the server cannot know the segment
+            reply, _ = protocol.recv(sock, 1 << 30)
+            assert reply["status"] == 400 and "send its file descriptor" in reply["error"]
+            for fds in ((shm.fd,), ()):  # then once with it, and by its id afterwards
+                protocol.send(sock, header, fds=fds)
+                reply, _ = protocol.recv(sock, 1 << 30)
+                assert reply["ok"], reply
+                models.assert_same(protocol.read(shm.buf, reply["outputs"], copy=True), want)
+        with raw_connection(server.socket) as sock:  # a new connection has seen no segment
+            protocol.send(sock, header)
+            assert protocol.recv(sock, 1 << 30)[0]["status"] == 400
+    finally:
+        shm.close()
+    # a client sends its descriptor again after a refusal that came before the server took it
+    fresh = server.client()
+    segment = fresh.segment(end)
+    too_large = [{"dtype": "float32", "shape": [1], "offset": 0, "nbytes": 1 << 40}]
+    with pytest.raises(ModelError) as err:
+        fresh.call({"op": "infer", "model": "vit", "shm": segment.id, "inputs": too_large}, segment=segment)
+    assert err.value.status == 413
+    models.assert_same(fresh.infer("vit", arrays), want)
+    assert fresh._local.segment is segment
+    fresh.close()
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: os.memfd_create("unsealed"), "not sealed against shrinking"),
+    (lambda: os.memfd_create("sealable", os.MFD_ALLOW_SEALING), "not sealed against shrinking"),
+    (lambda: os.open(os.devnull, os.O_RDWR), "not a sealable shared-memory segment"),
+])
+def test_a_segment_that_could_shrink_is_refused_and_the_server_lives(server, client, make, words):
+    arrays = models.inputs("vit", seed=4)
+    entries, end = protocol.describe(arrays)
+    fd = make()
+    try:
+        if os.fstat(fd).st_size == 0 and words.startswith("not sealed"):
+            os.ftruncate(fd, end)
+        with raw_connection(server.socket) as sock:
+            protocol.send(sock, {"op": "infer", "model": "vit", "shm": "mine", "inputs": entries}, fds=(fd,))
+            reply, _ = protocol.recv(sock, 1 << 30)
+    finally:
+        os.close(fd)
+    assert reply["status"] == 400 and words in reply["error"], reply
+    assert client.health()["healthy"]
+
+
+def test_a_sealed_segment_cannot_be_shrunk_under_the_server(server, client):
+    client.infer("vit", models.inputs("vit"))
+    segment = client._local.segment
+    with pytest.raises(PermissionError):
+        os.ftruncate(segment.fd, 0)
+    arrays = models.inputs("vit", seed=5)
+    models.assert_same(client.infer("vit", arrays), models.native(server.natives["vit"], arrays))
+
+
+def test_more_descriptors_than_a_message_may_carry_are_refused(server, client):
+    fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(protocol.MAX_FDS + 1)]
+    try:
+        with raw_connection(server.socket) as sock:
+            data = protocol._encode({"op": "health"}).encode()
+            sock.sendmsg([len(data).to_bytes(4, "big") + data],
+                         [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+            reply, _ = protocol.recv(sock, 1 << 30)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    assert reply["status"] == 400 and "at most" in reply["error"]
+    assert client.health()["healthy"]
 
 
 def test_swap_in_evict_cycles_keep_memory_flat(server, client):
@@ -574,16 +651,16 @@ def test_shutdown_removes_the_socket_and_leaves_client_segments_to_the_client(se
     client = server.client()
     arrays = models.inputs("vit", seed=6)
     models.assert_same(client.infer("vit", arrays), models.native(server.natives["vit"], arrays))
-    segment = Path("/dev/shm") / client._local.shm.name
-    assert segment.exists()
+    segment = client._local.segment
     stop_process(server.proc)
     assert server.proc.returncode == 0
     assert not Path(server.socket).exists()
-    # the server attached to the segment, but it is the client's to remove, even once the
-    # server has exited (before Python 3.13 an attach registers it for unlinking at exit)
-    assert segment.exists()
+    # the server mapped the segment, but it stays the client's: still there after the
+    # server's exit, gone when the client closes it
+    segment.buf[0] = 1
+    assert os.fstat(segment.fd).st_size == segment.size
     client.close()
-    assert not segment.exists()
+    assert segment.fd == -1 and client._local.segment is None
     with pytest.raises(ModelError) as err:
         client.health()
     assert (err.value.status, err.value.code) == (503, "unavailable")

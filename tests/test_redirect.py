@@ -144,11 +144,12 @@ def test_a_big_endian_input_gives_the_native_order_output(server):
 def test_a_dtype_the_wire_cannot_carry_is_a_400_not_a_500(server):
     client = server.client(resnet_token())
     client.infer("resnet", models.inputs("resnet"))  # creates this thread's segment
-    shm = client._local.shm
+    shm = client._local.segment
     good, _ = protocol.describe(models.inputs("resnet"))
     for dtype in ("object", ">f4", "U4"):
         with pytest.raises(ModelError) as err:
-            client.call({"op": "infer", "model": "resnet", "shm": shm.name, "inputs": [{**good[0], "dtype": dtype}]})
+            client.call({"op": "infer", "model": "resnet", "shm": shm.id, "inputs": [{**good[0], "dtype": dtype}]},
+                        segment=shm)
         assert (err.value.status, err.value.code) == (400, "bad_input") and "bad tensor description" in str(err.value)
     client.close()
 
@@ -169,8 +170,8 @@ def test_server_ms_is_the_servers_share_of_the_round_trip(server):
     client.infer("resnet", x)
     for _ in range(5):
         started = time.perf_counter()
-        reply, _ = client.call({"op": "infer", "model": "resnet", "shm": client._local.shm.name,
-                                "inputs": protocol.describe(x)[0]})
+        reply, _ = client.call({"op": "infer", "model": "resnet", "shm": client._local.segment.id,
+                                "inputs": protocol.describe(x)[0]}, segment=client._local.segment)
         round_trip_ms = (time.perf_counter() - started) * 1e3
         assert 0 < reply["server_ms"] < round_trip_ms and reply["path"] == "resident"
     client.close()

@@ -1,22 +1,34 @@
 """Wire format of the GPU server's Unix-socket protocol (docs/gpu-server-protocol.md).
 
 A message is a 4-byte big-endian length, a UTF-8 JSON header of that length, and — when the
-header has ``"payload": N`` — N raw bytes. Tensors travel through a POSIX shared-memory
-segment that the client creates; a header describes each one as
+header has ``"payload": N`` — N raw bytes. Tensors travel through a shared-memory segment
+that the client creates (:class:`Segment`: a memfd sealed against shrinking) and passes to
+the server as a file descriptor (``SCM_RIGHTS``) with the first request that uses it on a
+connection; a header describes each tensor as
 ``{"dtype": "float32", "shape": [1, 3, 224, 224], "offset": 0, "nbytes": 602112}``.
+The seal is what makes the server's mapping safe: a client that could shrink a segment the
+server has mapped would make the server's next access to it fault (SIGBUS) and kill the
+process; the kernel refuses to shrink a sealed memfd. Passing descriptors also means the
+action's and the server's containers need not share an IPC namespace or ``/dev/shm``.
 This module needs neither torch nor CUDA: the action runtime imports it.
 """
 from __future__ import annotations
 
+import array
+import fcntl
 import json
 import math
+import mmap
+import os
 import socket
 import struct
-from multiprocessing import resource_tracker, shared_memory
+import uuid
 
 import numpy as np
 
 MAX_HEADER_BYTES = 1 << 20
+MAX_FDS = 1  # file descriptors one message may carry
+_FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 TENSOR_ALIGNMENT = 64  # bytes between tensors in shared memory
 _LEN = struct.Struct(">I")
 # one encoder for every message: json.dumps with separators builds a new encoder per call
@@ -31,40 +43,61 @@ class ProtocolError(Exception):
     """The peer sent something that is not a valid message."""
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytearray:
+def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None) -> bytearray:
+    """``n`` bytes from ``sock``; with ``fds`` the descriptors that came with them are
+    appended to it (without, the kernel discards any: a peer cannot leak them into us)."""
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        k = sock.recv_into(view[got:], n - got)
+        if fds is None:
+            k = sock.recv_into(view[got:], n - got)
+        else:
+            k, ancillary, flags, _ = sock.recvmsg_into([view[got:]], _FD_SPACE)
+            for level, kind, data in ancillary:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
+            # the control buffer is rounded up to 8 bytes, so one more descriptor than
+            # MAX_FDS can fit without truncation
+            if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
+                raise ProtocolError(f"a message may carry at most {MAX_FDS} file descriptor(s)")
         if k == 0:
             raise ConnectionError("peer closed the connection")
         got += k
     return buf
 
 
-def send(sock: socket.socket, header: dict, payload: bytes | memoryview = b"") -> None:
-    """Sends one message (header plus optional raw payload)."""
+def send(sock: socket.socket, header: dict, payload: bytes | memoryview = b"", fds: tuple[int, ...] = ()) -> None:
+    """Sends one message (header plus optional raw payload), with the file descriptors
+    ``fds`` (at most :data:`MAX_FDS`) attached to its first bytes."""
     if payload:
         header = {**header, "payload": len(payload)}
     data = _encode(header).encode()
-    sock.sendall(_LEN.pack(len(data)) + data)
+    message = _LEN.pack(len(data)) + data
+    if fds:
+        sent = sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
+        if sent < len(message):
+            sock.sendall(message[sent:])
+    else:
+        sock.sendall(message)
     if payload:
         sock.sendall(payload)
 
 
-def recv(sock: socket.socket, max_payload: int) -> tuple[dict, bytes]:
-    """Receives one message.
+def recv(sock: socket.socket, max_payload: int, fds: list[int] | None = None) -> tuple[dict, bytes]:
+    """Receives one message; with ``fds``, the descriptors it carried are appended to it
+    (the caller owns and closes them, also when this raises).
 
     Raises:
         ConnectionError: the peer closed the connection.
-        ProtocolError: oversized or malformed header, or a payload over ``max_payload`` bytes.
+        ProtocolError: oversized or malformed header, a payload over ``max_payload`` bytes,
+            or more than :data:`MAX_FDS` descriptors.
     """
-    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size))
+    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size, fds))
     if n > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {n} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
     try:
-        header = json.loads(_recv_exact(sock, n))
+        header = json.loads(_recv_exact(sock, n, fds))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -75,15 +108,72 @@ def recv(sock: socket.socket, max_payload: int) -> tuple[dict, bytes]:
     return header, bytes(_recv_exact(sock, size)) if size else b""
 
 
-def attach(name: str) -> shared_memory.SharedMemory:
-    """Opens a peer's segment without letting this process's resource tracker unlink it at
-    exit (before Python 3.13 every attach registers the segment with the tracker)."""
-    try:
-        return shared_memory.SharedMemory(name=name, track=False)  # Python >= 3.13
-    except TypeError:
-        shm = shared_memory.SharedMemory(name=name)
-        resource_tracker.unregister(shm._name, "shared_memory")
-        return shm
+class Segment:
+    """A shared-memory segment for tensors: a memfd mapped read-write, sealed so that it can
+    never shrink (``F_SEAL_SHRINK``), which makes it safe for a peer to map.
+
+    Attributes:
+        id: the name requests use for it (the client's choice; unique per client).
+        size: bytes.
+        buf: the writable mapping.
+        fd: the descriptor to pass to the server (-1 once the server side has mapped it).
+    """
+
+    def __init__(self, fd: int, size: int, segment_id: str):
+        self.id, self.size, self.fd = segment_id, size, fd
+        self._map = mmap.mmap(fd, size) if size else None
+        self.buf = memoryview(self._map) if self._map is not None else memoryview(b"")
+
+    @classmethod
+    def create(cls, size: int) -> "Segment":
+        """A new sealed segment of ``size`` bytes (zero-filled).
+
+        Raises:
+            OSError: no memfd (not Linux) or no memory.
+        """
+        fd = os.memfd_create("torpor-tensors", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+            return cls(fd, size, uuid.uuid4().hex)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def attach(cls, fd: int, segment_id: str) -> "Segment":
+        """Maps a peer's segment from its descriptor (taking ownership of ``fd``, which is
+        closed once mapped).
+
+        Raises:
+            ProtocolError: ``fd`` is not a memfd sealed against shrinking.
+        """
+        try:
+            try:
+                seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            except OSError:
+                raise ProtocolError("the file descriptor sent is not a sealable shared-memory segment "
+                                    "(create it with memfd_create(MFD_ALLOW_SEALING))") from None
+            if not seals & fcntl.F_SEAL_SHRINK:
+                raise ProtocolError("the shared-memory segment sent is not sealed against shrinking (F_SEAL_SHRINK)")
+            segment = cls(fd, os.fstat(fd).st_size, segment_id)
+        finally:
+            os.close(fd)
+        segment.fd = -1
+        return segment
+
+    def close(self) -> None:
+        """Unmaps the segment and closes its descriptor. Views of :attr:`buf` still alive keep
+        the mapping until they are gone."""
+        try:
+            self.buf.release()
+            if self._map is not None:
+                self._map.close()
+        except BufferError:  # arrays still view it; the mapping goes with the last of them
+            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
 
 
 def dtype_name(dtype: np.dtype) -> str:

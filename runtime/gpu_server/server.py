@@ -106,11 +106,25 @@ class Service:
         # and again. Only valid tokens are kept (verify raises on the others).
         self._verify = functools.lru_cache(maxsize=TOKEN_CACHE)(tokens.verify)
 
-    def handle(self, header: dict, payload: bytes, attached: dict) -> tuple[dict, bytes]:
+    def handle(self, header: dict, payload: bytes, attached: dict[str, protocol.Segment],
+               fds: list[int]) -> tuple[dict, bytes]:
+        """Answers one request.
+
+        Args:
+            header, payload: the request.
+            attached: this connection's shared-memory segments by id (an infer adds to it).
+            fds: descriptors the request carried; an infer takes its segment's, the caller
+                closes what is left.
+
+        Raises:
+            RequestError: the status and code for the caller.
+        """
         self._authorize(header)
         op = header.get("op")
         if op == "register_program":  # the one op whose request carries a payload
             return self.op_register_program(header, payload)
+        if op == "infer":
+            return self.op_infer(header, attached, fds)
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
             raise RequestError(400, "bad_request", f"unknown op {op!r}")
@@ -166,11 +180,9 @@ class Service:
         except ModelLoadError as exc:
             raise RequestError(502, "model_load_failed", str(exc)) from None
 
-    def op_infer(self, header: dict, attached: dict) -> tuple[dict, bytes]:
-        name = self._model_name(header)
-        model = self._load(name)
+    def op_infer(self, header: dict, attached: dict[str, protocol.Segment], fds: list[int]) -> tuple[dict, bytes]:
         shm_name = header.get("shm")
-        if not isinstance(shm_name, str):
+        if not isinstance(shm_name, str) or not shm_name:
             raise RequestError(400, "bad_request", "field 'shm' must name a shared-memory segment")
         entries = header.get("inputs")
         if not isinstance(entries, list):
@@ -179,16 +191,21 @@ class Service:
         total = sum(e["nbytes"] for e in entries if isinstance(e, dict) and isinstance(e.get("nbytes"), int))
         if total > self.settings.max_input_bytes:
             raise RequestError(413, "too_large", f"inputs of {total} bytes exceed the limit of {self.settings.max_input_bytes} bytes")
-        shm = attached.get(shm_name)
-        if shm is None:
+        if fds:
             try:
-                shm = protocol.attach(shm_name)
-            except (FileNotFoundError, ValueError, OSError) as exc:
-                raise RequestError(400, "bad_request", f"cannot open shared memory {shm_name!r}: {exc}") from None
-            for old in attached.values():
+                shm = protocol.Segment.attach(fds.pop(), shm_name)
+            except (protocol.ProtocolError, OSError) as exc:
+                raise RequestError(400, "bad_request", f"cannot map shared memory {shm_name!r}: {exc}") from None
+            for old in attached.values():  # a client has one segment per connection at a time
                 old.close()
             attached.clear()
             attached[shm_name] = shm
+        shm = attached.get(shm_name)
+        if shm is None:
+            raise RequestError(400, "bad_request", f"unknown shared-memory segment {shm_name!r}: send its file "
+                               "descriptor with the first request that names it on a connection")
+        name = self._model_name(header)
+        model = self._load(name)
         try:
             arrays = protocol.read(shm.buf, entries, copy=False)
         except protocol.ProtocolError as exc:
@@ -272,12 +289,13 @@ class Service:
 class _Handler(socketserver.BaseRequestHandler):
     def handle(self) -> None:
         service: Service = self.server.service  # type: ignore[attr-defined]
-        attached: dict = {}
+        attached: dict[str, protocol.Segment] = {}
+        fds: list[int] = []
         try:
             while True:
                 try:
                     header, payload = protocol.recv(self.request, max(service.settings.max_input_bytes,
-                                                                      service.settings.max_program_bytes))
+                                                                      service.settings.max_program_bytes), fds)
                 except (ConnectionError, OSError):
                     return
                 except protocol.ProtocolError as exc:
@@ -285,19 +303,28 @@ class _Handler(socketserver.BaseRequestHandler):
                     return
                 began = time.perf_counter()
                 try:
-                    reply, data = service.handle(header, payload, attached)
+                    reply, data = service.handle(header, payload, attached, fds)
                 except RequestError as exc:
                     reply, data = {"ok": False, "status": exc.status, "code": exc.code, "error": str(exc)}, b""
                 except Exception as exc:  # a bug or a model fault must not kill the connection thread silently
                     log.exception("request %s failed", header.get("op"))
                     reply, data = {"ok": False, "status": 500, "code": "internal", "error": f"{type(exc).__name__}: {exc}"}, b""
+                finally:
+                    _close_all(fds)
                 # counted before the caller can see the reply, so that a scrape after it counts it
                 _account(service, header, reply, time.perf_counter() - began)
                 if not _reply(self.request, reply, data):
                     return
         finally:
+            _close_all(fds)
             for shm in attached.values():
                 shm.close()
+
+
+def _close_all(fds: list[int]) -> None:
+    """Closes and forgets descriptors a request carried but no op took."""
+    while fds:
+        os.close(fds.pop())
 
 
 def _account(service: Service, header: dict, reply: dict, seconds: float) -> None:

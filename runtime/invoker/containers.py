@@ -31,7 +31,6 @@ from runtime.redis_server import free_port
 log = logging.getLogger(__name__)
 
 SENTINEL = "XXX_THE_END_OF_A_WHISK_ACTIVATION_XXX"
-SHM_DIR = Path("/dev/shm")
 MAX_RESULT_BYTES = 1024 * 1024
 _TRUNCATED = "Logs were truncated because the total bytes size exceeds the limit of {} bytes."
 # Env vars that configure `torpor runtime` and may pass from the invoker's environment to it;
@@ -223,30 +222,6 @@ class LogStream:
         self._thread.join(timeout)
 
 
-def group_pids(pgid: int) -> list[int]:
-    """Ids of the processes in process group ``pgid``, read from ``/proc`` (Linux)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            # fields after the parenthesised command: state, ppid, pgrp, ...
-            if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[2]) == pgid:
-                pids.append(int(entry.name))
-        except (OSError, IndexError, ValueError):
-            continue
-    return pids
-
-
-def remove_segments(pids: list[int]) -> None:
-    """Unlinks the shared-memory segments ``runtime.client`` created in processes ``pids``
-    (``/dev/shm/torpor-{pid}-*``): a killed process cannot unlink its own, and the GPU server
-    never unlinks a client's segment (it may still be mapped there, which unlinking allows)."""
-    for pid in pids:
-        for segment in SHM_DIR.glob(f"torpor-{pid}-*"):
-            segment.unlink(missing_ok=True)
-
-
 _ports_lock = threading.Lock()
 _ports_in_use: set[int] = set()
 
@@ -390,12 +365,12 @@ class Container:
 
     def kill(self, grace_s: float = 0.0) -> None:
         """Stops the process group: SIGTERM and up to ``grace_s`` seconds, then SIGKILL; removes
-        the working folder and the shared-memory segments its processes left. Safe to call twice."""
+        the working folder. Safe to call twice. (Its processes' tensor segments are memfds:
+        the kernel frees them with the last descriptor and mapping, protocol.Segment.)"""
         with self._kill_lock:
             if self._stopped:
                 return
             self._stopped = True
-        members = group_pids(self.proc.pid)  # read before the signals: dead processes leave /proc
         if grace_s > 0 and self.proc.poll() is None:
             self._signal(signal.SIGTERM)
             try:
@@ -407,7 +382,6 @@ class Container:
         self.proc.wait()
         self._session.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
-        remove_segments(members)
         with _ports_lock:
             _ports_in_use.discard(self.port)
 
