@@ -33,6 +33,7 @@ from controller_plugin.predictor import ANY_KIND, Predictor
 from controller_plugin.routing import NodePicker, requeue_from_dead_nodes
 from runtime.action.errors import ActionError
 from runtime.action.request_body import parse_json, read_body
+from runtime.gpu_server.protocol import check_model_name
 from runtime.log_format import LogSettings, configure_from_kwargs
 from runtime.settings import from_kwargs, options
 
@@ -54,6 +55,7 @@ LIST_LIMIT_DEFAULT, LIST_LIMIT_MAX = 30, 200
 # A crashed invoker never gives an activation's in-flight slot back; it lapses this long
 # after the activation's deadline.
 SLOT_GRACE_MS = 60000
+MAX_ACTION_MODELS = 16  # models one action may name in its 'model' annotation
 
 NOT_FOUND = "The requested resource does not exist."
 FORBIDDEN = "The supplied authentication is not authorized to access this resource."
@@ -198,10 +200,12 @@ def _key_values(value: Any, field: str) -> list[dict]:
 
 def models_of(annotations: list[dict]) -> list[str]:
     """Model names from an action's ``model`` annotation: a string, a JSON list of strings,
-    or a string holding such a list. Missing annotation → [].
+    or a string holding such a list; each name once, in first-seen order. Missing
+    annotation → [].
 
     Raises:
-        ValueError: the annotation is another type, or a list with a non-string or empty name.
+        ValueError: the annotation is another type, a name breaks the model-name rules
+            (protocol.check_model_name), or it names more than :data:`MAX_ACTION_MODELS`.
     """
     value = next((a["value"] for a in annotations if a["key"] == "model"), None)
     if value is None:
@@ -215,7 +219,11 @@ def models_of(annotations: list[dict]) -> list[str]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
         raise ValueError("the 'model' annotation must be a model name or a list of model names")
-    return value
+    names = list(dict.fromkeys(check_model_name(m) for m in value))
+    if len(names) > MAX_ACTION_MODELS:
+        raise ValueError(f"the 'model' annotation names {len(names)} models, more than the {MAX_ACTION_MODELS} "
+                         "an action may use")
+    return names
 
 
 def _limits(value: Any, current: dict) -> dict:
@@ -600,8 +608,15 @@ def create_app(settings: ControllerSettings) -> Flask:
             raise ApiError(503, f"The state store (Redis) failed while queueing activation {activation_id}: it "
                                 f"may still run; look it up before invoking again.",
                            {ACTIVATION_HEADER: activation_id}) from None
+        except Exception:  # nothing was queued: the record and the slot must not outlive the request
+            state.discard_activation(r, ns, activation_id)
+            raise
         if node is None:
             state.discard_activation(r, ns, activation_id)
+            if state.live_nodes(r):
+                metrics.invoked(ns, action, "no_capacity")
+                raise ApiError(503, "Every device of the live invokers is unhealthy or has all its activation slots "
+                                    "booked; try again later.")
             metrics.invoked(ns, action, "no_invoker")
             raise ApiError(503, "No invoker is available to run the action; try again later.")
         accepted = app.json.response({"activationId": activation_id})

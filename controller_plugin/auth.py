@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 # OpenWhisk's EntityName rule: a word character, then up to 255 of [\w@ .&-], no trailing space.
-ENTITY_NAME = re.compile(r"\A(?:\w|\w[\w@ .&-]{0,254}[\w@.&-])\Z")
+ENTITY_NAME = re.compile(r"\A(?:\w|\w[\w@ .&-]{0,254}[\w@.&-])\Z", re.ASCII)  # OpenWhisk: ASCII word characters
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ OUTCOMES = {
     "accepted": "non-blocking, queued (HTTP 202)",
     "throttled": "refused by a namespace limit (HTTP 429)",
     "no_invoker": "no live node to run it (HTTP 503)",
+    "no_capacity": "live nodes, but no healthy device with a free slot (HTTP 503)",
 }
 FINAL_OUTCOMES = {state.SUCCESS: "success", state.APPLICATION_ERROR: "application_error",
                   state.DEVELOPER_ERROR: "developer_error", state.WHISK_ERROR: "whisk_error"}

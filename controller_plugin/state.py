@@ -371,6 +371,15 @@ def finish_activation(r: redis.Redis, record: dict) -> None:
 
 # --- nodes ---------------------------------------------------------------------------------
 
+def live_nodes(r: redis.Redis) -> list[str]:
+    """Ids of known nodes whose alive key is set."""
+    ids = sorted(_text(i) for i in r.smembers(NODES_KEY))
+    if not ids:
+        return []
+    alive = r.mget([alive_key(i) for i in ids])
+    return [i for i, a in zip(ids, alive) if a is not None]
+
+
 def dead_nodes(r: redis.Redis, *, now_ms: int, dead_after_ms: int) -> list[str]:
     """Ids of known nodes without their alive key and not seen for ``dead_after_ms`` (ms)."""
     ids = sorted(_text(i) for i in r.smembers(NODES_KEY))

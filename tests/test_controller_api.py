@@ -297,6 +297,10 @@ def test_blackbox_and_binary_actions(controller):
     ({"exec": {"kind": "python:3", "code": CODE}, "parameters": [{"value": 1}]}, "'parameters[0]' must be an object"),
     ({"exec": {"kind": "python:3", "code": CODE}, "annotations": [{"key": "model", "value": 5}]}, "'model' annotation"),
     ({"exec": {"kind": "python:3", "code": CODE}, "annotations": [{"key": "model", "value": "[\"a\", 1]"}]}, "'model' annotation"),
+    ({"exec": {"kind": "python:3", "code": CODE}, "annotations": [{"key": "model", "value": "../m"}]}, "no '/'"),
+    ({"exec": {"kind": "python:3", "code": CODE}, "annotations": [{"key": "model", "value": "m" * 201}]}, "over the limit"),
+    ({"exec": {"kind": "python:3", "code": CODE},
+      "annotations": [{"key": "model", "value": [f"m{i}" for i in range(17)]}]}, "more than the 16"),
     ({"exec": {"kind": "python:3", "code": CODE}, "version": "1.0"}, "MAJOR.MINOR.PATCH"),
     ({"exec": {"kind": "python:3", "code": CODE}, "publish": "no"}, "publish must be a boolean"),
 ])
@@ -304,6 +308,42 @@ def test_malformed_actions_get_400(controller, body, fragment):
     api = controller()
     assert_error(api.call("PUT", "/api/v1/namespaces/_/actions/bad", json=body), 400, fragment)
     assert api.redis.hget("torpor:actions:guest", "bad") is None
+
+
+def test_out_of_range_numbers_and_lone_surrogates_in_an_action_are_a_400(controller):
+    api = controller()
+    for body, fragment in [
+        (b'{"exec": {"kind": "python:3", "code": "x"}, "parameters": [{"key": "k", "value": 1e400}]}',
+         "out of the range of a double"),
+        (b'{"exec": {"kind": "python:3", "code": "x"}, "annotations": [{"key": "model", "value": "\\ud800"}]}',
+         "lone surrogate"),
+    ]:
+        response = api.call("PUT", "/api/v1/namespaces/_/actions/odd", data=body,
+                            headers={"Content-Type": "application/json"})
+        assert_error(response, 400, fragment)
+    assert api.redis.hget("torpor:actions:guest", "odd") is None
+
+
+def test_a_models_annotation_is_deduplicated_into_the_message(controller, redis_url):
+    api = controller()
+    add_node(api.redis, "n1")
+    body = {"exec": {"kind": "python:3", "code": CODE}, "annotations": [{"key": "model", "value": ["a", "b", "a"]}]}
+    assert api.call("PUT", "/api/v1/namespaces/_/actions/twice", json=body).status_code == 200
+    assert api.call("POST", "/api/v1/namespaces/_/actions/twice").status_code == 202
+    (message,) = api.redis.lrange(state.queue_key("n1"), 0, -1)
+    assert json.loads(message)["models"] == ["a", "b"]
+
+
+def test_no_free_slot_on_live_nodes_is_a_503_of_its_own(controller):
+    api = controller(device_slots=1)
+    add_node(api.redis, "n1", resident=[["m"]])
+    body = {"exec": {"kind": "python:3", "code": CODE}, "annotations": [{"key": "model", "value": "m"}]}
+    assert api.call("PUT", "/api/v1/namespaces/_/actions/busy", json=body).status_code == 200
+    assert api.call("POST", "/api/v1/namespaces/_/actions/busy").status_code == 202  # books the one slot
+    body = assert_error(api.call("POST", "/api/v1/namespaces/_/actions/busy"), 503, "activation slots booked")
+    assert api.redis.zcard("torpor:activations:guest") == 1  # the refused one left no record
+    api.redis.delete(state.alive_key("n1"))
+    assert_error(api.call("POST", "/api/v1/namespaces/_/actions/busy"), 503, "No invoker is available")
 
 
 @pytest.mark.parametrize("path, status, fragment", [
@@ -357,6 +397,8 @@ def test_namespaces_are_isolated(controller):
     (b"\xff\xfe{}", "not UTF-8"),
     (b'{"a": NaN}', "not valid JSON"),
     (b"[" * 100000 + b"]" * 100000, "too deeply"),
+    (b'{"a": 1e400}', "out of the range of a double"),
+    (b'{"a": -1e400}', "out of the range of a double"),
 ])
 def test_malformed_invoke_bodies_get_400(controller, invoker, body, fragment):
     api = controller()

@@ -245,7 +245,8 @@ def framed(header: bytes) -> bytes:
     (framed(b"   \n\t"), "not valid JSON"),
     (framed(b'{"op": "health"}\x00'), "not valid JSON"),
     (framed(b'{"op": "infer", "model": "res'), "not valid JSON"),
-], ids=["empty", "whitespace", "nul", "truncated"])
+    (framed(b"[" * 100_000 + b"]" * 100_000), "nests JSON too deeply"),
+], ids=["empty", "whitespace", "nul", "truncated", "deep"])
 def test_unparseable_frames_get_a_400_naming_the_problem(served, frame, words):
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(10)
@@ -274,6 +275,21 @@ def test_bad_tensors_are_refused_before_any_work(served, arrays, status, words):
     assert time.monotonic() - started < 2.0
     assert sum(d["swap_ins"] for d in served.admin().stats()["devices"]) == swaps
     client.close()
+
+
+@pytest.mark.parametrize("header, words", [
+    ({"op": ["infer"]}, "field 'op' must be a string"),
+    ({"op": "prefetch", "model": "m" * 300}, "over the limit of 200 bytes"),
+    ({"op": "prefetch", "model": "a\x00b"}, "NUL"),
+    ({"op": "prefetch", "model": "../slow"}, "no '/'"),
+    ({"op": "prefetch", "model": ".hidden"}, "leading '.'"),
+], ids=["op-list", "long-name", "nul-name", "path-name", "dot-name"])
+def test_malformed_ops_and_model_names_are_a_400_not_a_5xx(served, header, words):
+    with pytest.raises(ModelError) as err:
+        served.admin().call(header)
+    assert (err.value.status, err.value.code) == (400, "bad_request") and words in str(err.value)
+    assert str(served.server.root) not in str(err.value)  # nothing of the server's paths leaks
+    assert served.admin().health()["healthy"]
 
 
 def test_an_unknown_model_is_a_404_naming_it(served):

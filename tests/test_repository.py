@@ -145,10 +145,13 @@ def test_a_failed_registration_leaves_nothing_and_keeps_the_current_version(repo
     assert not list((repo.root / STAGING).iterdir())
 
 
-@pytest.mark.parametrize("name", ["", ".versions", "a/b", "..", ".hidden"])
-def test_names_that_would_escape_or_hide_are_refused(repo, tmp_path, name):
+@pytest.mark.parametrize("name, words", [
+    ("", "non-empty"), (".versions", "leading '.'"), ("a/b", "no '/'"), ("..", "leading '.'"),
+    (".hidden", "leading '.'"), ("a\x00b", "NUL"), ("\ud800", "lone surrogate"), ("m" * 201, "over the limit of 200"),
+])
+def test_names_that_would_escape_hide_or_not_fit_are_refused(repo, tmp_path, name, words):
     weights = models.save(models.build("resnet"), tmp_path / "w.safetensors")
-    with pytest.raises(ModelLoadError, match="invalid model name"):
+    with pytest.raises(ModelLoadError, match=words):
         repo.register(models.spec(name, "resnet"), weights)
     assert not (repo.root / STAGING).exists() or not list((repo.root / STAGING).iterdir())
 

@@ -392,6 +392,7 @@ def test_init_code_over_the_limit_is_413(blank):
     (b'{"value": "\xff"}', "UTF-8"),
     (b"[1, 2]", "JSON object"),
     (b"[" * 100_000, "deeply"),
+    (b'{"value": {"a": 1e400}}', "out of the range of a double"),
 ])
 def test_malformed_run_body_is_400(echo, body, problem):
     mark = echo.mark()

@@ -3,6 +3,7 @@ what is wrong (empty, truncated, NUL byte, not UTF-8, too large)."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any, BinaryIO
 
 from runtime.action.errors import ActionError
@@ -54,6 +55,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite_float(text: str) -> float:
+    # json.loads turns 1e400 into inf without calling parse_constant, and inf cannot travel
+    # on as JSON (requests refuses it; Flask would write the invalid token Infinity)
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"the number {text[:40]} is out of the range of a double")
+    return value
+
+
 def parse_json(body: bytes) -> Any:
     """Parses a request body as strict JSON (UTF-8; no NaN or Infinity).
 
@@ -73,7 +83,7 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise ActionError(400, f"request body is not UTF-8: invalid byte at offset {exc.start}") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         if exc.pos >= len(text.rstrip()):
             raise ActionError(400, f"request body is truncated JSON: {exc.msg} at offset {exc.pos}") from None

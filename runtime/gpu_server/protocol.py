@@ -27,6 +27,7 @@ import uuid
 import numpy as np
 
 MAX_HEADER_BYTES = 1 << 20
+MAX_MODEL_NAME_BYTES = 200  # bytes of UTF-8 (check_model_name)
 MAX_FDS = 1  # file descriptors one message may carry
 _FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 TENSOR_ALIGNMENT = 64  # bytes between tensors in shared memory
@@ -41,6 +42,28 @@ _NAMES: dict[np.dtype, str] = {}
 
 class ProtocolError(Exception):
     """The peer sent something that is not a valid message."""
+
+
+def check_model_name(name) -> str:
+    """``name`` when it can name a model: a non-empty string of valid Unicode, without ``/``
+    or NUL, not starting with a dot (the repository's folders ``NAME`` and ``.versions``),
+    at most :data:`MAX_MODEL_NAME_BYTES` bytes of UTF-8 (a version folder
+    ``NAME-<32 hex>`` must fit the 255 bytes of a file name).
+
+    Raises:
+        ValueError: which rule it breaks.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError("a model name must be a non-empty string")
+    try:
+        size = len(name.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ValueError(f"model name {name[:80]!r} is not valid Unicode (a lone surrogate)") from None
+    if "/" in name or "\x00" in name or name.startswith("."):
+        raise ValueError(f"invalid model name {name[:80]!r}: no '/' or NUL, no leading '.'")
+    if size > MAX_MODEL_NAME_BYTES:
+        raise ValueError(f"model name of {size} bytes is over the limit of {MAX_MODEL_NAME_BYTES} bytes")
+    return name
 
 
 def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None) -> bytearray:
@@ -100,6 +123,8 @@ def recv(sock: socket.socket, max_payload: int, fds: list[int] | None = None) ->
         header = json.loads(_recv_exact(sock, n, fds))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"header is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("header nests JSON too deeply") from None
     if not isinstance(header, dict):
         raise ProtocolError("header is not a JSON object")
     size = header.get("payload", 0)

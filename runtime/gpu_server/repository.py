@@ -58,6 +58,7 @@ import torch
 from torch import nn
 
 from runtime.gpu_server import zoo
+from runtime.gpu_server.protocol import check_model_name
 from runtime.gpu_server.layout import Layout, named_weights, trace_layout
 from runtime.settings import from_kwargs, options, setting
 
@@ -217,11 +218,12 @@ class Repository:
         """``root/NAME``, the name's symlink (or plain folder).
 
         Raises:
-            ModelLoadError: ``name`` is empty, holds a ``/`` or starts with a dot.
+            ModelLoadError: ``name`` breaks a rule of protocol.check_model_name.
         """
-        if not name or "/" in name or name.startswith("."):
-            raise ModelLoadError(f"invalid model name {name!r}")
-        return self.root / name
+        try:
+            return self.root / check_model_name(name)
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from None
 
     def resolve(self, name: str) -> Path:
         """The folder of ``name``'s current version, resolved once: read every file of one

@@ -140,6 +140,8 @@ class Service:
         """
         secret = self.settings.node_secret
         op = header.get("op")
+        if not isinstance(op, str):
+            raise RequestError(400, "bad_request", f"field 'op' must be a string, not {type(op).__name__}")
         if not secret or op in OPEN_OPS:
             return
         token = header.get("token")
@@ -164,7 +166,10 @@ class Service:
         name = header.get("model")
         if not isinstance(name, str) or not name:
             raise RequestError(400, "bad_request", "field 'model' must be a non-empty string")
-        return name
+        try:
+            return protocol.check_model_name(name)
+        except ValueError as exc:
+            raise RequestError(400, "bad_request", str(exc)) from None
 
     def _hint(self, header: dict) -> int | None:
         hint = header.get("device")
