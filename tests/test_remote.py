@@ -327,7 +327,7 @@ def test_concurrent_uploads_register_once(server):
     ({"digest": "0" * 64}, 400, "bad_request", "does not match"),
     ({"digest": "abc"}, 400, "bad_request", "SHA-256"),
     ({"name": "resnet50"}, 400, "bad_request", "ending with"),
-    ({"name": "../x-{d16}"}, 400, "bad_request", "must be"),
+    ({"name": "../x-{d16}"}, 400, "bad_request", "invalid model name"),
     ({"inputs": [{"name": "x", "dtype": "bfloat16", "shape": [2, 4]}]}, 400, "bad_request", "dtype"),
     ({"inputs": [{"name": "x", "dtype": "float32", "shape": [2, None]}]}, 400, "bad_request", "static shape"),
     ({"inputs": [{"name": "x", "dtype": "float32", "shape": [5, 4]}]}, 502, "model_load_failed", "does not run"),

@@ -209,3 +209,39 @@ def test_model_commands_register_list_and_unregister(tmp_path):
     assert runner.invoke(command, ["list", "--model-repo", root]).output == ""
     again = runner.invoke(command, ["unregister", "m", "--model-repo", root])
     assert again.exit_code == 1 and "no model 'm'" in again.output
+
+
+def test_the_store_serves_a_registration_it_was_not_told_about(repo, monkeypatch, tmp_path):
+    from runtime.gpu_server import store as store_module
+    monkeypatch.setattr(store_module, "VERSION_CHECK_S", 0.0)
+    store = ModelStore(repo, pin=False)
+    old = models.register(repo, "m", "resnet", seed=1)
+    x = models.inputs("resnet")
+    first = store.get("m")
+    assert first is store.get("m")  # unchanged version: the loaded model, not a reload
+    assert output(first.instantiate(first.buffer), x).tolist() == output(old, x).tolist()
+    new = models.register(repo, "m", "resnet", seed=2)  # straight into the repository
+    second = store.get("m")
+    assert second is not first
+    assert output(second.instantiate(second.buffer), x).tolist() == output(new, x).tolist()
+    repo.unregister("m")
+    with pytest.raises(KeyError):
+        store.get("m")
+    assert store.loaded() == []
+
+
+def test_a_failed_load_is_retried_once_a_new_version_is_registered(repo, monkeypatch, tmp_path):
+    from runtime.gpu_server import store as store_module
+    monkeypatch.setattr(store_module, "VERSION_CHECK_S", 0.0)
+    native = models.register(repo, "m", "resnet")
+    weights = models.save(native, tmp_path / "same.safetensors")
+    broken = Path(repo.spec("m").path) / "model.safetensors"
+    broken.write_bytes(broken.read_bytes()[:100])  # the files break on disk
+    store = ModelStore(repo, pin=False)
+    for _ in range(3):
+        with pytest.raises(ModelLoadError):
+            store.get("m")
+    repo.register(models.spec("m", "resnet"), weights)  # the same file again: a new version
+    model = store.get("m")
+    assert output(model.instantiate(model.buffer), models.inputs("resnet")).tolist() == \
+        output(native, models.inputs("resnet")).tolist()

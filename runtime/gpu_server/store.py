@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from runtime.gpu_server import zoo
 from runtime.gpu_server.layout import Layout, bind, named_weights, pack, trace_layout
 from runtime.gpu_server.repository import (EXTRA_WEIGHTS_FILE, LAYOUT_FILE, ModelLoadError, ModelSpec, Repository,
                                            VersionGone, build)
+
+
+VERSION_CHECK_S = 1.0  # how long a loaded model is served without checking its current version, s
 
 
 @dataclass
@@ -125,9 +129,13 @@ def _load_packed(spec: ModelSpec, pin: bool) -> HostModel | None:
 class ModelStore:
     """Registered models by name, loaded from a :class:`Repository` on first use.
 
-    A model that failed to load stays failed (each call raises the same error at once) until
-    it is registered again with other files. Loads of one model are serialised: concurrent
-    first requests load it once. A load reads every file from the one version folder it
+    The repository is the source of truth: a loaded model is checked against the name's
+    current version at most every :data:`VERSION_CHECK_S`, so a registration the server was
+    not told about (``torpor model register`` without ``--gpu-socket``) is served within that
+    time, and a model unregistered on disk is unknown again. A model that failed to load stays
+    failed (each call raises the same error at once) until a new version is registered, even
+    with the same files. Loads of one model are serialised: concurrent first requests load it
+    once. A load reads every file from the one version folder it
     resolved (repository.py: a registration replacing the model meanwhile is not seen), and
     resolves once more when that version was collected before its files were opened.
 
@@ -151,7 +159,8 @@ class ModelStore:
         # the threads a process may have (libgomp: Thread creation failed)
         self._loader = ThreadPoolExecutor(max(1, max_loads), thread_name_prefix="model-load")
         self._models: dict[str, HostModel] = {}
-        self._failed: dict[str, tuple[str, ModelLoadError]] = {}
+        self._checked: dict[str, float] = {}  # name → when its loaded version was last found current
+        self._failed: dict[str, tuple[str, ModelLoadError]] = {}  # name → (version folder, error)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -163,26 +172,33 @@ class ModelStore:
             ModelLoadError: it does not load (cached until its files change).
         """
         model = self._models.get(name)
-        if model is not None:
+        if model is not None and time.monotonic() - self._checked.get(name, 0.0) < VERSION_CHECK_S:
             return model
         with self._guard:
             lock = self._locks.setdefault(name, threading.Lock())
         with lock:
             model = self._models.get(name)
-            if model is not None:
+            try:
+                current = str(self.repository.resolve(name))
+            except KeyError:
+                self.drop(name)
+                raise
+            if model is not None and model.spec.path == current:
+                self._checked[name] = time.monotonic()
                 return model
-            spec = self.repository.spec(name)
             failed = self._failed.get(name)
-            if failed and failed[0] == spec.digest:
+            if failed and failed[0] == current:
                 raise failed[1]
+            spec = self.repository.spec(name)
             try:
                 model = self._loader.submit(self._load, name, spec).result()
             except ModelLoadError as exc:
                 if not isinstance(exc, VersionGone):  # a property of the timing, not of the files
-                    self._failed[name] = (spec.digest, exc)
+                    self._failed[name] = (spec.path, exc)
                 raise
             self._failed.pop(name, None)
             self._models[name] = model
+            self._checked[name] = time.monotonic()
             return model
 
     def _load(self, name: str, spec: ModelSpec) -> HostModel:
@@ -197,4 +213,5 @@ class ModelStore:
     def drop(self, name: str) -> HostModel | None:
         """Forgets ``name`` (its host memory goes with the last reference)."""
         self._failed.pop(name, None)
+        self._checked.pop(name, None)
         return self._models.pop(name, None)

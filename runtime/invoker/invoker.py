@@ -395,10 +395,13 @@ class Invoker:
             client.close()
 
     def _gpu_lost(self, outages_before: int) -> bool:
-        """Whether the GPU server went away since ``_gpu_outages`` was ``outages_before``: it is
-        unreachable now (then it is marked down at once) or was down at some point since."""
-        if not self._gpu_reachable():
-            self._gpu_state(False, "a model call of an action found it unreachable")
+        """Whether the GPU server went away since ``_gpu_outages`` was ``outages_before``: it
+        is gone now (no answer and its socket refuses connections; then it is marked down at
+        once) or was down at some point since. A server that does not answer while its
+        socket accepts is busy, not gone: the activation is not run again elsewhere, and the
+        liveness watch (``_watch_gpu``) decides whether it is hung."""
+        if not self._gpu_reachable() and not socket_accepts(self.gpu_socket):
+            self._gpu_state(False, "a model call of an action found it gone")
             return True
         return self._gpu_outages != outages_before
 
