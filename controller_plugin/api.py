@@ -30,7 +30,7 @@ from controller_plugin.config import ControllerSettings
 from controller_plugin.log_lines import GunicornJsonLogger, log_invocation
 from controller_plugin.metrics import ControllerMetrics, slo_ms_of
 from controller_plugin.predictor import ANY_KIND, Predictor
-from controller_plugin.routing import NodePicker, requeue_from_dead_nodes
+from controller_plugin.routing import NodePicker, build_picker, requeue_from_dead_nodes
 from runtime.action.errors import ActionError
 from runtime.action.request_body import parse_json, read_body
 from runtime.gpu_server.protocol import check_model_name
@@ -64,20 +64,6 @@ BAD_AUTH = "The supplied authentication is invalid."
 CHALLENGE = {"WWW-Authenticate": 'Basic realm="whisk rest service"'}
 # gunicorn's default access log has %(u)s, the Basic-auth user (the UUID half of a credential).
 ACCESS_LOG_FORMAT = '%(h)s %(t)s "%(r)s" %(s)s %(b)s %(M)sms'
-
-
-def node_picker(settings: ControllerSettings, r: redis.Redis) -> NodePicker:
-    """The node choice of this controller: its latency predictor seeded from
-    ``settings.profiles`` (a bench/swap.py result) when given, its device slot limit.
-
-    Raises:
-        OSError, ValueError: the profiles file is unreadable or malformed.
-    """
-    kind = settings.gpu_kind or ANY_KIND
-    predictor = Predictor()
-    if settings.profiles:
-        predictor.load_bench(settings.profiles, kind=kind)
-    return NodePicker(r, predictor, kind=kind, default_slots=settings.device_slots)
 
 
 class ApiError(Exception):
@@ -381,7 +367,7 @@ class Controller:
         self.redis = redis.Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5,
                                           socket_timeout=settings.max_blocking_wait_ms / 1000 + 10)
         self.auth = Authenticator(settings.auth, settings.namespace)
-        self.picker = node_picker(settings, self.redis)
+        self.picker = build_picker(self.redis, settings.profiles, settings.gpu_kind, settings.device_slots)
         self.rules = ActionRules([k.strip() for k in settings.kinds.split(",") if k.strip()])
         self._stop = threading.Event()
         self._requeuer: threading.Thread | None = None

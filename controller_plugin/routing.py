@@ -12,6 +12,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import resources
 
@@ -34,6 +35,7 @@ DEFAULT_MODEL_BYTES = 102_000_000
 DEFAULT_TIMEOUT_MS = 60_000
 # How long a model registry lookup (``torpor:models``) is trusted, s.
 REGISTRY_TTL_S = 60.0
+REGISTRY_CACHE = 4096  # model sizes remembered at most (least recently looked up dropped first)
 
 
 def epoch_ms() -> int:
@@ -93,7 +95,7 @@ class NodePicker:
         self._pick = r.register_script(PICK_NODE_LUA)
         self._release = r.register_script(RELEASE_LUA)
         # model name -> (bytes in the registry or None, monotonic time of the lookup)
-        self._registered: dict[str, tuple[int | None, float]] = {}
+        self._registered: OrderedDict[str, tuple[int | None, float]] = OrderedDict()
         self._registered_lock = threading.Lock()
 
     def dispatch(self, message: dict) -> str | None:
@@ -202,7 +204,26 @@ class NodePicker:
             nbytes = None
         with self._registered_lock:
             self._registered[name] = (nbytes, time.monotonic())
+            self._registered.move_to_end(name)
+            while len(self._registered) > REGISTRY_CACHE:
+                self._registered.popitem(last=False)
         return nbytes
+
+
+def build_picker(r: redis.Redis, profiles: str = "", gpu_kind: str = "", device_slots: int = 0) -> NodePicker:
+    """The node choice every dispatcher (controller, an invoker re-dispatching) must share:
+    the latency predictor seeded from ``profiles`` (a bench/swap.py result; empty: every
+    model at the default) for GPU type ``gpu_kind`` (empty: any), and the device slot limit
+    ``device_slots`` (0: none).
+
+    Raises:
+        OSError, ValueError: the profiles file is unreadable or malformed.
+    """
+    kind = gpu_kind or ANY_KIND
+    predictor = Predictor()
+    if profiles:
+        predictor.load_bench(profiles, kind=kind)
+    return NodePicker(r, predictor, kind=kind, default_slots=device_slots)
 
 
 def requeue_from_dead_nodes(r: redis.Redis, picker: NodePicker, *, now_ms: int, dead_after_ms: int,

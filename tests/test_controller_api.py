@@ -444,15 +444,19 @@ def test_pick_prefers_live_nodes(redis_url):
 
 
 def test_the_controllers_predictor_is_seeded_from_its_profiles_setting(redis_url, tmp_path):
-    from controller_plugin.api import node_picker
+    from controller_plugin.api import Controller
     profiles = tmp_path / "h200-swap.json"
     profiles.write_text(json.dumps({"models": {"resnet50": {"bytes": 102_000_000, "served_warm_ms": 0.9}}}))
-    r = redis.Redis.from_url(redis_url, decode_responses=True)
-    picker = node_picker(ControllerSettings(profiles=str(profiles), gpu_kind="NVIDIA H200", device_slots=2), r)
+    controller = Controller(ControllerSettings(redis_url=redis_url, profiles=str(profiles), gpu_kind="NVIDIA H200",
+                                               device_slots=2))
+    picker = controller.picker
+    controller.stop()
     assert picker.kind == "NVIDIA H200" and picker.default_slots == 2
     assert picker.predictor.exec_ms("resnet50", "NVIDIA H200") == 0.9
     assert picker.predictor.profile("resnet50", "NVIDIA H200").bytes == 102_000_000
-    unseeded = node_picker(ControllerSettings(), r)
+    plain = Controller(ControllerSettings(redis_url=redis_url))
+    unseeded = plain.picker
+    plain.stop()
     assert unseeded.predictor.exec_ms("resnet50") == unseeded.predictor.default_exec_ms != 0.9
 
 

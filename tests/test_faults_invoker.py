@@ -253,3 +253,12 @@ def test_the_node_wide_container_cap_replaces_the_least_recently_used_idle_conta
         pool.release(got[0][0])
     finally:
         pool.close()
+
+
+def test_an_invoker_redispatches_with_the_controllers_profiles_and_slot_limit(private_redis, invokers, tmp_path):
+    profiles = tmp_path / "h200-swap.json"
+    profiles.write_text(json.dumps({"models": {"m": {"bytes": 5_000_000, "served_warm_ms": 3.5}}}))
+    invoker = invokers("node-a", profiles=str(profiles), gpu_kind="NVIDIA H200", device_slots=3)
+    picker = invoker._picker
+    assert picker.default_slots == 3 and picker.kind == "NVIDIA H200"
+    assert picker.model_inputs("m") == (5_000_000, 3.5)

@@ -337,3 +337,15 @@ def test_model_sizes_come_from_profiles_then_the_registry_then_the_default(r):
     assert picker.model_inputs("registered") == (8_000, 7.0)
     assert picker.model_inputs("broken") == (1_234, 7.0)
     assert picker.model_inputs("unknown") == (1_234, 7.0)
+
+
+def test_the_registry_size_cache_is_bounded(r, monkeypatch):
+    from controller_plugin import routing
+    monkeypatch.setattr(routing, "REGISTRY_CACHE", 3)
+    picker = NodePicker(r, Predictor(), default_model_bytes=1)
+    r.hset(MODELS_KEY, "kept", json.dumps({"name": "kept", "bytes": 77}))
+    assert picker.model_inputs("kept")[0] == 77
+    for i in range(10):
+        picker.model_inputs(f"unknown{i}")
+    assert len(picker._registered) == 3 and "kept" not in picker._registered
+    assert picker.model_inputs("kept")[0] == 77  # looked up again

@@ -321,6 +321,9 @@ class Repository:
             return None
         moved = self.root / VERSIONS / f"{link.name}-{uuid.uuid4().hex}"
         moved.parent.mkdir(exist_ok=True)
+        # stamped before the move: a collect() between the move and the new link must see it
+        # as just retired, not as an old unreferenced version
+        os.utime(link)
         link.rename(moved)
         return moved
 

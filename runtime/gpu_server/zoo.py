@@ -96,7 +96,8 @@ _BUILD_LOCK = threading.Lock()
 
 
 def build(architecture: str, config: dict[str, Any] | None = None) -> nn.Module:
-    """Builds ``architecture`` with ``config`` in eval mode on the CPU (random weights).
+    """Builds ``architecture`` with ``config`` in eval mode with random weights, on the CPU
+    or, inside ``with torch.device("meta")``, as a weightless skeleton (store.load).
 
     Raises:
         KeyError: unknown architecture (the message lists the known ones).

@@ -31,6 +31,12 @@ class InvokerSettings:
                                       "on stop, time running activations get to finish before re-queueing", "s")
     http_host: str = setting("127.0.0.1", "TORPOR_INVOKER_HOST", "address of the /healthz and /readyz server")
     http_port: int = setting(0, "TORPOR_INVOKER_PORT", "port of the /healthz and /readyz server; 0: no server")
+    profiles: str = setting("", "TORPOR_CONTROLLER_PROFILES",
+                            "the controller's predictor profiles, for re-dispatching an activation whose GPU "
+                            "server went away as the controller would dispatch it")
+    gpu_kind: str = setting("", "TORPOR_CONTROLLER_GPU_KIND", "GPU type of those profiles (empty: any type)")
+    device_slots: int = setting(0, "TORPOR_DEVICE_SLOTS",
+                                "activations booked on one device at once at most, as the controller's (0: no limit)")
     node_secret: str = setting("", "TORPOR_NODE_SECRET",
                                "secret shared with this node's GPU server: signs the token each action gets "
                                "(empty: actions get no token, and the GPU server must run with --insecure-no-auth)")

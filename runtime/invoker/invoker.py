@@ -25,7 +25,7 @@ import requests
 
 from controller_plugin import attainment, state
 from controller_plugin.api import models_of
-from controller_plugin.routing import NodePicker
+from controller_plugin.routing import build_picker
 from controller_plugin.state import APPLICATION_ERROR, DEVELOPER_ERROR, SUCCESS, WHISK_ERROR
 from runtime.gpu_server import tokens
 from runtime.invoker.config import InvokerSettings
@@ -216,7 +216,7 @@ class Invoker:
                                   idle_timeout_s=settings.idle_timeout_s, max_total=settings.max_containers)
         self.gpu_alive_key = f"{self.node_key}:gpu"
         self._admin_token = tokens.admin_token(settings.node_secret) if settings.node_secret else ""
-        self._picker = NodePicker(self.redis)
+        self._picker = build_picker(self.redis, settings.profiles, settings.gpu_kind, settings.device_slots)
         self._reclaim = self.redis.register_script(RECLAIM_LUA)
         # GPU server liveness as the invoker last saw it: None until its key was first seen
         # (a node without a GPU server, or one still starting, keeps taking work)
