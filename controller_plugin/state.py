@@ -27,6 +27,9 @@ PREFIX = "torpor:"
 NODES_KEY = PREFIX + "nodes"
 NODE_PREFIX = PREFIX + "node:"
 ACTIVATION_TTL_S = 7 * 24 * 3600
+# A replaced or deleted action revision is kept this long for the activations accepted with
+# it: longer than any of them may wait in a queue and run (deadline: timeout + margin).
+REVISION_TTL_S = 3600
 DONE_TTL_S = 300
 RATE_TTL_S = 120
 
@@ -50,6 +53,12 @@ def _text(value: str | bytes) -> str:
 
 def actions_key(namespace: str) -> str:
     return f"{PREFIX}actions:{namespace}"
+
+
+def revision_key(namespace: str, name: str, version: str) -> str:
+    """Where a replaced or deleted action record stays for :data:`REVISION_TTL_S` (names
+    hold no ``/`` nor ``:``, so the key is unambiguous)."""
+    return f"{PREFIX}action:{namespace}/{name}:rev:{version}"
 
 
 def activation_key(activation_id: str) -> str:
@@ -116,12 +125,30 @@ def replace_action(r: redis.Redis, namespace: str, name: str,
 
     def update(pipe: redis.client.Pipeline) -> dict:
         raw = pipe.hget(key, name)
-        record = build(json.loads(raw) if raw is not None else None)
+        current = json.loads(raw) if raw is not None else None
+        record = build(current)
         pipe.multi()
         pipe.hset(key, name, json.dumps(record))
+        if current is not None and current.get("version") != record.get("version"):
+            _keep_revision(pipe, namespace, name, current, raw)
         return record
 
     return r.transaction(update, key, value_from_callable=True)
+
+
+def _keep_revision(pipe: redis.client.Pipeline, namespace: str, name: str, record: dict, raw: str) -> None:
+    # activations accepted with this revision still run it (OpenWhisk runs the revision it
+    # accepted), however the action changes meanwhile
+    if isinstance(record.get("version"), str):
+        pipe.set(revision_key(namespace, name, record["version"]), raw, ex=REVISION_TTL_S)
+
+
+def get_revision(r: redis.Redis, namespace: str, name: str, version: str) -> str | None:
+    """The raw JSON of revision ``version`` of an action, current or kept after a change."""
+    raw = r.hget(actions_key(namespace), name)
+    if raw is not None and json.loads(raw).get("version") == version:
+        return raw
+    return r.get(revision_key(namespace, name, version))
 
 
 def delete_action(r: redis.Redis, namespace: str, name: str) -> dict | None:
@@ -132,9 +159,11 @@ def delete_action(r: redis.Redis, namespace: str, name: str) -> dict | None:
         raw = pipe.hget(key, name)
         if raw is None:
             return None
+        record = json.loads(raw)
         pipe.multi()
         pipe.hdel(key, name)
-        return json.loads(raw)
+        _keep_revision(pipe, namespace, name, record, raw)
+        return record
 
     return r.transaction(delete, key, value_from_callable=True)
 

@@ -263,16 +263,30 @@ def test_container_cap_makes_activations_wait_for_a_free_container(r, make_invok
     assert invoker.pool.size() == 1
 
 
-def test_updated_action_gets_a_fresh_container(r, make_invoker):
-    invoker = make_invoker()
-    put_action(r, "versioned", "def main(args):\n    return {'v': 1}\n")
+def test_an_activation_runs_the_revision_it_was_accepted_with(r, make_invoker):
+    """OpenWhisk runs the revision it accepted: an update or a delete after the controller
+    accepted an activation does not fail it (the controller keeps replaced revisions)."""
+    from controller_plugin import state
+    make_invoker()
+    put_action(r, "versioned", "def main(args):\n    return {'v': 1}\n")  # version 0.0.1
     assert record_of(r, submit(r, "versioned"))["response"]["result"] == {"v": 1}
-    put_action(r, "versioned", "def main(args):\n    return {'v': 2}\n", version="0.0.2")
+
+    def update(current: dict) -> dict:
+        return {**current, "version": "0.0.2", "exec": {**current["exec"], "code": "def main(args):\n    return {'v': 2}\n"}}
+
+    state.replace_action(r, "guest", "versioned", update)
     stale = record_of(r, submit(r, "versioned", version="0.0.1"))
-    assert stale["response"]["statusCode"] == 3 and "0.0.2" in stale["response"]["result"]["error"]
+    assert stale["response"]["result"] == {"v": 1}
     fresh = record_of(r, submit(r, "versioned", version="0.0.2"))
-    assert fresh["response"]["result"] == {"v": 2} and "initTime" in annotations(fresh)
-    assert invoker.pool.size() == 1
+    assert fresh["response"]["result"] == {"v": 2} and "initTime" in annotations(fresh)  # its own container
+    state.delete_action(r, "guest", "versioned")
+    assert record_of(r, submit(r, "versioned", version="0.0.2"))["response"]["result"] == {"v": 2}
+    r.delete(state.revision_key("guest", "versioned", "0.0.1"))  # as when its time to be kept ran out
+    gone = record_of(r, submit(r, "versioned", version="0.0.1"))
+    assert gone["response"]["statusCode"] == 3 and "no longer exists" in gone["response"]["result"]["error"]
+    put_action(r, "versioned", "def main(args):\n    return {'v': 3}\n", version="0.0.3")
+    replaced = record_of(r, submit(r, "versioned", version="0.0.1"))
+    assert replaced["response"]["statusCode"] == 3 and "no longer kept" in replaced["response"]["result"]["error"]
 
 
 def test_deleted_action_and_malformed_message(r, make_invoker):

@@ -469,19 +469,22 @@ class Invoker:
 
     def _handle(self, raw: bytes) -> None:
         failed_on_redis = False
+        left = True
         try:
-            self._process(raw)
+            left = self._process(raw)
         except redis.RedisError as exc:
             failed_on_redis = True
             log.warning("activation message %r stays in flight, Redis failed: %s", raw[:120], exc)
         except Exception:
             log.exception("activation message %r failed", raw[:200])
         finally:
-            try:
-                # the device slot the controller booked for it (routing.NodePicker) is free again
-                self._picker.release(self.settings.node_id, raw)
-            except redis.RedisError as exc:
-                log.warning("could not release the booking of %r (it lapses at its expiry): %s", raw[:120], exc)
+            # the device slot the controller booked for it (routing.NodePicker) is free again once
+            # the message has left this node; one put back here or left in flight keeps it
+            if left and not failed_on_redis:
+                try:
+                    self._picker.release(self.settings.node_id, raw)
+                except redis.RedisError as exc:
+                    log.warning("could not release the booking of %r (it lapses at its expiry): %s", raw[:120], exc)
             with self._active_lock:
                 self._active.discard(raw)
             if failed_on_redis:  # after the discard, so that the rescan finds the message orphaned
@@ -493,7 +496,9 @@ class Invoker:
 
     # --- one activation --------------------------------------------------------------------
 
-    def _process(self, raw: bytes) -> None:
+    def _process(self, raw: bytes) -> bool:
+        """Runs one message taken from the queue; returns whether it left this node (stored,
+        dropped, dispatched elsewhere) rather than going back onto its queue."""
         try:
             msg = json.loads(raw)
             if not isinstance(msg, dict) or not all(isinstance(msg.get(k), str) for k in
@@ -502,23 +507,24 @@ class Invoker:
         except ValueError as exc:
             log.error("dropping a malformed activation message %r: %s", raw[:200], exc)
             self.redis.lrem(self.inflight_key, 1, raw)
-            return
+            return True
         existing = state.get_activation(self.redis, msg["activationId"])
         if existing is not None and state.is_final(existing):
             # a message put back after its record was stored (a crash or a Redis failure
             # between the two): running it again would run the activation twice
             log.warning("activation %s is already final: its message is dropped, not run again", msg["activationId"])
             self.redis.lrem(self.inflight_key, 1, raw)
-            return
+            return True
         try:
             record = self.run_activation(msg)
         except _Requeue as requeue:
             self._requeue(raw, requeue.message)
-            return
+            return False
         except _Redispatched:
             self.redis.lrem(self.inflight_key, 1, raw)
-            return
+            return True
         self._store(raw, record, msg)
+        return True
 
     def _store(self, raw: bytes, record: dict, msg: dict) -> None:
         """Stores the final record, then drops the message from in flight and counts the
@@ -599,8 +605,15 @@ class Invoker:
                  "met" if met else "missed", extra={"fields": fields})
 
     def _execute(self, msg: dict) -> tuple[dict | None, Outcome]:
-        ns, name = msg["namespace"], msg["action"]
-        raw = self.redis.hget(state.actions_key(ns), name)
+        ns, name, version = msg["namespace"], msg["action"], msg.get("version")
+        if isinstance(version, str):  # the revision the controller accepted, even if changed since
+            raw = state.get_revision(self.redis, ns, name, version)
+            if raw is None and self.redis.hexists(state.actions_key(ns), name):
+                return None, _error(WHISK_ERROR, f"Revision {version} of the action {ns}/{name} is no longer kept: "
+                                                    f"it was replaced more than {state.REVISION_TTL_S} s before the "
+                                                    "activation ran.")
+        else:
+            raw = self.redis.hget(state.actions_key(ns), name)
         if raw is None:
             return None, _error(WHISK_ERROR, f"The action {ns}/{name} no longer exists: "
                                                 "it was deleted after the activation was submitted.")
@@ -610,10 +623,6 @@ class Invoker:
             spec = action_spec(ns, name, action, raw, timeout_ms, self.settings.node_secret)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             return None, _error(WHISK_ERROR, f"The action record of {ns}/{name} is malformed: {exc}")
-        if msg.get("version") is not None and action.get("version") != msg["version"]:
-            return action, _error(WHISK_ERROR, f"The action {ns}/{name} was updated to version "
-                                                  f"{action.get('version')} after an activation of version "
-                                                  f"{msg['version']} was submitted.")
         t0 = time.monotonic()
         try:
             container, init_ms = self.pool.acquire(spec)
