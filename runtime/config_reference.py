@@ -102,6 +102,42 @@ def table(path: str) -> str:
     return "\n".join(rows)
 
 
+def _commands(name: str, cmd: click.Command):
+    """(``torpor ...`` path, command) of ``cmd`` and of its subcommands, depth first."""
+    if isinstance(cmd, click.Group):
+        for sub in sorted(cmd.commands):
+            yield from _commands(f"{name} {sub}", cmd.commands[sub])
+    else:
+        yield name, cmd
+
+
+def plain_options() -> str:
+    """The Markdown table of every command's options that are not settings (no env var)."""
+    from runtime.cli import COMMANDS
+
+    rows = ["| command | flag | default | meaning |", "| --- | --- | --- | --- |"]
+    for name in sorted(COMMANDS):
+        for path, cmd in _commands(f"torpor {name}", load(COMMANDS[name])):
+            for p in cmd.params:
+                if not isinstance(p, click.Option) or p.envvar or p.hidden or p.name == "help":
+                    continue
+                flags = " / ".join(f"`{o}`" for o in p.opts + p.secondary_opts)
+                default = p.default
+                if type(default).__name__ == "Sentinel":  # click 8.2+: no default given
+                    default = False if p.is_flag else None
+                shown = ("none" if default is None or default == () else
+                         f"`{str(default).lower()}`" if isinstance(default, bool) else
+                         f"`{_relative(default)}`")
+                rows.append(f"| `{path}` | {flags} | {_cell(shown)} | {_cell(p.help or '')} |")
+    return "\n".join(rows)
+
+
+def _relative(value) -> str:
+    # paths defaulting inside the checkout are shown relative to it, the same on every machine
+    root = str(DOC.parents[1])
+    return str(value).replace(root + "/", "")
+
+
 def render() -> str:
     """The whole of ``docs/configuration.md``."""
     out = [
@@ -129,6 +165,10 @@ def render() -> str:
                 users.setdefault(f.metadata["env"], [])
                 if command not in users[f.metadata["env"]]:
                     users[f.metadata["env"]].append(command)
+    out += ["## Flags without an environment variable", "",
+            "Per-invocation choices of a command (what to do, where to write), not configuration; "
+            "listed from the commands themselves (`runtime/cli.py`).", "",
+            plain_options(), ""]
     out += ["## Environment variables", "", "| env var | read by |", "| --- | --- |"]
     for env in sorted(users):
         out.append(f"| `{env}` | {', '.join(f'`{c}`' for c in users[env])} |")

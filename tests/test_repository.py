@@ -211,6 +211,27 @@ def test_model_commands_register_list_and_unregister(tmp_path):
     assert again.exit_code == 1 and "no model 'm'" in again.output
 
 
+@pytest.mark.parametrize("args, words", [
+    (["--config", "{bad"], "--config"),
+    (["--config", "[1]"], "must be a JSON object"),
+    (["--input", "pixel_values:float99:1x3x32x32"], "unknown dtype 'float99'"),
+    (["--input", "pixel_values:float32:1x0x32x32"], "dimensions must be positive"),
+    (["--name", "m" * 240], "over the limit of 200 bytes"),
+    (["--gpu-socket", "/nonexistent/gpu.sock"], "is registered in"),
+])
+def test_model_register_mistakes_are_clean_errors(tmp_path, args, words):
+    tiny = models.TINY["resnet"]
+    weights = models.save(models.build("resnet"), tmp_path / "w.safetensors")
+    base = {"--architecture": tiny.architecture, "--config": json.dumps(tiny.config), "--weights": str(weights),
+            "--input": "pixel_values:float32:1x3x32x32", "--model-repo": str(tmp_path / "models"), "--name": "m"}
+    base.update(dict(zip(args[::2], args[1::2])))
+    name = base.pop("--name")
+    argv = ["register", name] + [x for kv in base.items() for x in kv]
+    result = CliRunner().invoke(command, argv)
+    assert result.exit_code in (1, 2) and words in result.output, result.output
+    assert not isinstance(result.exception, Exception) or isinstance(result.exception, SystemExit)  # no traceback
+
+
 def test_the_store_serves_a_registration_it_was_not_told_about(repo, monkeypatch, tmp_path):
     from runtime.gpu_server import store as store_module
     monkeypatch.setattr(store_module, "VERSION_CHECK_S", 0.0)

@@ -392,9 +392,30 @@ def parse_input(text: str) -> TensorSpec:
     """``name:dtype:d0xd1x...`` (``?`` for a dynamic dim) → TensorSpec."""
     try:
         name, dtype, dims = text.split(":")
-        return TensorSpec(name, dtype, [None if d == "?" else int(d) for d in dims.split("x")])
+        spec = TensorSpec(name, dtype, [None if d == "?" else int(d) for d in dims.split("x")])
     except ValueError:
-        raise click.BadParameter(f"{text!r}: expected name:dtype:d0xd1x... e.g. x:float32:1x3x224x224") from None
+        raise click.BadParameter(f"{text!r}: expected name:dtype:d0xd1x... e.g. x:float32:1x3x224x224",
+                                 param_hint="--input") from None
+    if dtype not in DTYPES:
+        raise click.BadParameter(f"{text!r}: unknown dtype {dtype!r} (one of {', '.join(DTYPES)})", param_hint="--input")
+    if any(d is not None and d < 1 for d in spec.shape):
+        raise click.BadParameter(f"{text!r}: dimensions must be positive (or ? for a dynamic one)", param_hint="--input")
+    return spec
+
+
+def parse_config(text: str) -> dict:
+    """The ``--config`` JSON object.
+
+    Raises:
+        click.BadParameter: not JSON, or not an object.
+    """
+    try:
+        config = json.loads(text)
+    except ValueError as exc:
+        raise click.BadParameter(f"not valid JSON: {exc}", param_hint="--config") from None
+    if not isinstance(config, dict):
+        raise click.BadParameter("must be a JSON object", param_hint="--config")
+    return config
 
 
 @dataclass
@@ -416,15 +437,17 @@ def command() -> None:
 @click.argument("name")
 @click.option("--architecture", help="architecture from the zoo (not for --format export)")
 @click.option("--config", "config_json", default="{}", help="architecture config as JSON")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False), required=True)
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="safetensors")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False), required=True,
+              help="weights file (safetensors, a torch.save state dict, or a torch.export archive)")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="safetensors", help="what --weights holds")
 @click.option("--input", "inputs", multiple=True, required=True, help="name:dtype:d0xd1x... (repeatable)")
 @options(RepositorySettings)
 def register_command(name, architecture, config_json, weights, fmt, inputs, **kwargs) -> None:
     """Validate a model and add it to the repository as NAME."""
     settings = from_kwargs(RepositorySettings, kwargs)
     spec = ModelSpec(name=name, inputs=[parse_input(i) for i in inputs], format=fmt, architecture=architecture,
-                     config=json.loads(config_json), weights=Path(weights).name if fmt != "safetensors" else "model.safetensors")
+                     config=parse_config(config_json),
+                     weights=Path(weights).name if fmt != "safetensors" else "model.safetensors")
     try:
         spec = Repository(settings.model_repo).register(spec, Path(weights))
     except ModelLoadError as exc:
@@ -434,15 +457,31 @@ def register_command(name, architecture, config_json, weights, fmt, inputs, **kw
 
 
 def announce(spec: ModelSpec, settings: RepositorySettings) -> None:
-    """Records ``spec`` in Redis and asks the GPU server to load it, where configured."""
-    if settings.redis_url:
-        import redis
-        redis.Redis.from_url(settings.redis_url).hset("torpor:models", spec.name, json.dumps(
-            {"name": spec.name, "path": str(Path(settings.model_repo) / spec.name), "architecture": spec.architecture,
-             "bytes": spec.bytes, "digest": spec.digest, "inputs": [asdict(i) for i in spec.inputs]}))
-    if settings.gpu_socket:
-        from runtime.client import GPUServerClient
-        GPUServerClient(settings.gpu_socket).register(spec.name)
+    """Records ``spec`` in Redis and asks the GPU server to load it, where configured.
+
+    Raises:
+        click.ClickException: Redis or the GPU server failed; the message says the model is
+            registered in the repository all the same (GPU servers find it there by themselves).
+    """
+    import redis
+
+    from runtime.client import GPUServerClient, ModelError
+
+    registered = f"model {spec.name} is registered in {settings.model_repo}, but "
+    try:
+        if settings.redis_url:
+            redis.Redis.from_url(settings.redis_url).hset("torpor:models", spec.name, json.dumps(
+                {"name": spec.name, "path": str(Path(settings.model_repo) / spec.name), "architecture": spec.architecture,
+                 "bytes": spec.bytes, "digest": spec.digest, "inputs": [asdict(i) for i in spec.inputs]}))
+    except redis.RedisError as exc:
+        raise click.ClickException(f"{registered}recording it in Redis ({settings.redis_url}) failed: {exc}") from None
+    try:
+        if settings.gpu_socket:
+            GPUServerClient(settings.gpu_socket).register(spec.name)
+    except ModelError as exc:
+        hint = " (set TORPOR_NODE_SECRET to the node's secret)" if exc.status == 403 else ""
+        raise click.ClickException(f"{registered}the GPU server at {settings.gpu_socket} did not load it: "
+                                   f"{exc}{hint}") from None
 
 
 @command.command("list")
