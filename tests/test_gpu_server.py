@@ -231,6 +231,7 @@ def test_register_refuses_inputs_the_model_cannot_run_and_keeps_the_old_version(
 
 SERVER_REGIONS = 4  # per device: two CPU devices of 8 MiB
 MAX_INPUT_BYTES = 1 << 20
+FRAME_TIMEOUT_S = 2.0
 
 
 def start_server(root: Path, repo: Repository) -> subprocess.Popen:
@@ -241,7 +242,8 @@ def start_server(root: Path, repo: Repository) -> subprocess.Popen:
         proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "torpor"), "gpu-server", "--cpu-devices", "2",
              "--device-memory", str(SERVER_REGIONS * REGION), "--model-repo", str(repo.root), "--socket", str(sock),
-             "--max-input-bytes", str(MAX_INPUT_BYTES), "--torch-threads", "1", "--insecure-no-auth"],
+             "--max-input-bytes", str(MAX_INPUT_BYTES), "--torch-threads", "1", "--insecure-no-auth",
+             "--frame-timeout-s", str(FRAME_TIMEOUT_S)],
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "TORPOR_REDIS_URL": ""})
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -402,6 +404,8 @@ def test_unknown_model_is_a_404(client):
     ({"op": "infer", "model": "resnet"}, "'shm'"),
     ({"op": "infer", "model": "resnet", "shm": "torpor-no-such-segment", "inputs": []}, "send its file descriptor"),
     ({"op": "prefetch", "model": "resnet", "device": "zero"}, "'device'"),
+    ({"op": "prefetch", "model": "resnet", "device": -1}, "device index from 0 to 1"),
+    ({"op": "prefetch", "model": "resnet", "device": True}, "'device'"),
 ])
 def test_malformed_requests_are_a_400_and_keep_the_connection(server, client, header, words):
     with pytest.raises(ModelError) as err:
@@ -420,6 +424,10 @@ def test_malformed_tensor_descriptions_are_a_400(server, client):
         ([{**good[0], "dtype": "no-such-dtype"}], "bad tensor description"),
         ([{**good[0], "nbytes": "many"}], "nbytes"),
         ([5], "bad tensor description"),
+        ([{**good[0], "shape": "1332"}], "shape must be a list of integers"),
+        ([{**good[0], "shape": [1.0, 3, 32, 32]}], "shape must be a list of integers"),
+        ([{**good[0], "offset": 0.5}], "offset and nbytes integers"),
+        ([{**good[0], "nbytes": True}], "offset and nbytes integers"),
     ]:
         with pytest.raises(ModelError) as err:
             client.call({"op": "infer", "model": "resnet", "shm": shm.id, "inputs": entries}, segment=shm)
@@ -618,6 +626,24 @@ def test_more_descriptors_than_a_message_may_carry_are_refused(server, client):
             os.close(fd)
     assert reply["status"] == 400 and "at most" in reply["error"]
     assert client.health()["healthy"]
+
+
+def test_a_half_sent_frame_is_dropped_after_the_frame_timeout(server, client, monkeypatch):
+    from runtime.gpu_server import protocol as wire
+    sock = raw_connection(server.socket)
+    try:
+        sock.sendall((1000).to_bytes(4, "big") + b'{"op": ')  # and never the rest
+        sock.settimeout(FRAME_TIMEOUT_S + 10)
+        started = time.monotonic()
+        assert sock.recv(1) == b""  # the server closes the connection
+        assert FRAME_TIMEOUT_S - 0.5 < time.monotonic() - started < FRAME_TIMEOUT_S + 5
+    finally:
+        sock.close()
+    assert client.health()["healthy"]
+    # a payload field that is not a count is refused, not read
+    with raw_connection(server.socket) as sock:
+        wire.send(sock, {"op": "health", "payload": True})
+        assert "field 'payload'" in wire.recv(sock, 0)[0]["error"]
 
 
 def test_swap_in_evict_cycles_keep_memory_flat(server, client):

@@ -36,6 +36,9 @@ class GPUServerSettings:
     max_program_bytes: int = setting(256 << 20, "TORPOR_MAX_PROGRAM_BYTES",
                                      "largest torch.export program a function may register (register_program)", "bytes")
     room_timeout_s: float = setting(30.0, "TORPOR_ROOM_TIMEOUT_S", "longest wait for device room held by models in use", "s")
+    frame_timeout_s: float = setting(30.0, "TORPOR_GPU_FRAME_TIMEOUT_S",
+                                     "longest wait for the rest of a request once its first bytes came; then the "
+                                     "connection is closed", "s")
     max_loads: int = setting(2, "TORPOR_MAX_LOADS", "models loading into the host store at once at most "
                              "(a load is CPU-bound: reading and packing the weights; without a stored layout also "
                              "building and tracing the model)")

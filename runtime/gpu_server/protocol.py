@@ -107,16 +107,32 @@ def send(sock: socket.socket, header: dict, payload: bytes | memoryview = b"", f
         sock.sendall(payload)
 
 
-def recv(sock: socket.socket, max_payload: int, fds: list[int] | None = None) -> tuple[dict, bytes]:
+def recv(sock: socket.socket, max_payload: int, fds: list[int] | None = None,
+         frame_timeout_s: float | None = None) -> tuple[dict, bytes]:
     """Receives one message; with ``fds``, the descriptors it carried are appended to it
-    (the caller owns and closes them, also when this raises).
+    (the caller owns and closes them, also when this raises). With ``frame_timeout_s``, the
+    rest of a message must arrive within that many seconds of its first bytes (a peer that
+    sends half a frame cannot hold the reader forever); the wait for the first bytes keeps
+    the socket's own timeout.
 
     Raises:
         ConnectionError: the peer closed the connection.
+        TimeoutError: the rest of a frame did not come within ``frame_timeout_s``.
         ProtocolError: oversized or malformed header, a payload over ``max_payload`` bytes,
             or more than :data:`MAX_FDS` descriptors.
     """
     (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size, fds))
+    if frame_timeout_s is None:
+        return _recv_rest(sock, n, max_payload, fds)
+    previous = sock.gettimeout()
+    sock.settimeout(frame_timeout_s)
+    try:
+        return _recv_rest(sock, n, max_payload, fds)
+    finally:
+        sock.settimeout(previous)
+
+
+def _recv_rest(sock: socket.socket, n: int, max_payload: int, fds: list[int] | None) -> tuple[dict, bytes]:
     if n > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {n} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
     try:
@@ -128,7 +144,9 @@ def recv(sock: socket.socket, max_payload: int, fds: list[int] | None = None) ->
     if not isinstance(header, dict):
         raise ProtocolError("header is not a JSON object")
     size = header.get("payload", 0)
-    if not isinstance(size, int) or size < 0 or size > max_payload:
+    if not _is_int(size) or size < 0:
+        raise ProtocolError(f"field 'payload' must be a non-negative integer, not {size!r}")
+    if size > max_payload:
         raise ProtocolError(f"payload of {size} bytes exceeds the limit of {max_payload} bytes")
     return header, bytes(_recv_exact(sock, size)) if size else b""
 
@@ -245,6 +263,10 @@ def write(buf: memoryview, entries: list[dict], arrays: list[np.ndarray]) -> Non
         np.frombuffer(buf, dtype=np.uint8, count=e["nbytes"], offset=e["offset"])[:] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def read(buf: memoryview | bytes, entries: list[dict], copy: bool) -> list[np.ndarray]:
     """Arrays described by ``entries`` in ``buf`` (views unless ``copy``).
 
@@ -255,10 +277,14 @@ def read(buf: memoryview | bytes, entries: list[dict], copy: bool) -> list[np.nd
     for e in entries:
         try:
             dtype = _dtype(e["dtype"])
-            shape = tuple(int(d) for d in e["shape"])
-            offset, nbytes = int(e["offset"]), int(e["nbytes"])
+            shape, offset, nbytes = e["shape"], e["offset"], e["nbytes"]
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"bad tensor description {e!r}: {exc}") from None
+        if not isinstance(shape, list) or not all(_is_int(d) for d in shape) or not _is_int(offset) \
+                or not _is_int(nbytes):
+            raise ProtocolError(f"bad tensor description {e!r}: shape must be a list of integers, offset and "
+                                "nbytes integers")
+        shape = tuple(shape)
         if any(d < 0 for d in shape) or nbytes != math.prod(shape) * dtype.itemsize:
             raise ProtocolError(f"tensor description {e!r}: nbytes does not match shape and dtype")
         if offset < 0 or offset + nbytes > len(buf):

@@ -173,8 +173,9 @@ class Service:
 
     def _hint(self, header: dict) -> int | None:
         hint = header.get("device")
-        if hint is not None and not isinstance(hint, int):
-            raise RequestError(400, "bad_request", "field 'device' must be an integer")
+        devices = len(self.node.executors)
+        if hint is not None and (not isinstance(hint, int) or isinstance(hint, bool) or not 0 <= hint < devices):
+            raise RequestError(400, "bad_request", f"field 'device' must be a device index from 0 to {devices - 1}")
         return hint
 
     def _load(self, name: str):
@@ -300,7 +301,8 @@ class _Handler(socketserver.BaseRequestHandler):
             while True:
                 try:
                     header, payload = protocol.recv(self.request, max(service.settings.max_input_bytes,
-                                                                      service.settings.max_program_bytes), fds)
+                                                                      service.settings.max_program_bytes), fds,
+                                                    frame_timeout_s=service.settings.frame_timeout_s)
                 except (ConnectionError, OSError):
                     return
                 except protocol.ProtocolError as exc:
