@@ -151,7 +151,8 @@ def test_invoker_logs_one_line_per_activation_and_status_shows_the_node(gpu_serv
             r.lpush(f"torpor:node:{NODE}:queue", json.dumps(msg))
             record = record_of(r, msg["activationId"])
         assert record["response"]["success"]
-        lines = [rec for rec in caplog.records if getattr(rec, "fields", {}).get("event") == "activation"]
+        lines = [rec for rec in caplog.records if rec.name == "runtime.invoker.invoker"
+                 and getattr(rec, "fields", {}).get("event") == "activation"]
         assert len(lines) == 1
         fields = lines[0].fields
         [gpu] = fields["gpu"]
@@ -238,7 +239,8 @@ def test_status_shows_link_load_and_slo_attainment_of_a_real_stack(gpu_server, c
     assert published(cluster_url, 0, "resnet") or published(cluster_url, 1, "resnet")
 
     # the controller's line per invocation names the node it queued the activation on
-    lines = [rec.fields for rec in caplog.records if getattr(rec, "fields", {}).get("event") == "activation"]
+    lines = [rec.fields for rec in caplog.records if rec.name == "controller_plugin.invocations"
+             and getattr(rec, "fields", {}).get("event") == "activation"]
     assert [(f["action"], f["node"], f["outcome"], f["blocking"], f["slo_ms"]) for f in lines] == [
         ("relaxed", NODE, "success", True, 60000.0), ("relaxed", NODE, "success", True, 60000.0),
         ("failing", NODE, "application_error", True, 100.0), ("strict", NODE, "success", True, 1.0)]
