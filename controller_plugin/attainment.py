@@ -13,8 +13,10 @@ activation's end), expiring after :data:`KEEP_MINUTES` minutes:
 An activation *meets* its SLO when it succeeded (status code 0) and its latency — from its
 admission by the controller (the message's ``submitted``) to the end of its run — is at most
 the message's ``slo_ms`` (the action's ``slo-ms`` annotation, 100 ms by default). The invoker
-counts each activation in the transaction that drops its message from the node's in-flight
-list, right after storing the final record, so counting costs no extra round trip.
+counts each activation in the script that drops its message from the node's in-flight list
+(:class:`Recorder`), right after storing the final record: the counters move only when the
+message was still there, so a retry after a lost reply (a Redis restart) counts nothing
+twice, and counting costs no extra round trip.
 Activations that never ended on a node (lost with a dead node, refused at the door) are not
 counted; the controller's ``torpor_action_slo_*`` gauges see those of its blocking callers.
 """
@@ -53,18 +55,45 @@ def judge(message: dict, record: dict) -> tuple[int, float, bool]:
     return latency_ms, slo_ms, success and latency_ms <= slo_ms
 
 
-def count(pipe: redis.client.Pipeline, message: dict, record: dict, node: str) -> None:
-    """Queues on ``pipe`` the counters of one finished activation (see the module's text);
-    the caller executes the pipeline."""
-    _, slo_ms, met = judge(message, record)
-    key = minute_key(int(record["end"]) // 60000)
-    action = f"action:{record['namespace']}/{record['name']}"
-    for prefix in (action, f"node:{node}"):
-        pipe.hincrby(key, f"{prefix}:total", 1)
-        if met:
-            pipe.hincrby(key, f"{prefix}:met", 1)
-    pipe.hset(key, f"{action}:slo_ms", slo_ms)
-    pipe.expire(key, KEEP_MINUTES * 60)
+# KEYS: in-flight list, minute hash. ARGV: raw message, TTL s, SLO field, SLO ms, counters...
+_DROP_AND_COUNT = """
+if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then
+  return 0
+end
+for i = 5, #ARGV do
+  redis.call('HINCRBY', KEYS[2], ARGV[i], 1)
+end
+redis.call('HSET', KEYS[2], ARGV[3], ARGV[4])
+redis.call('EXPIRE', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+class Recorder:
+    """Drops a finished activation's message from a node's in-flight list and counts its SLO
+    attainment, atomically and only once (see the module's text).
+
+    Args:
+        client: a Redis client.
+    """
+
+    def __init__(self, client: redis.Redis):
+        self._script = client.register_script(_DROP_AND_COUNT)
+
+    def finish(self, inflight_key: str, raw: bytes | str, message: dict, record: dict, node: str) -> bool:
+        """Removes ``raw`` from ``inflight_key`` and, when it was there, counts the activation
+        ``message`` that ended with ``record`` on ``node``; returns whether it was there.
+
+        Raises:
+            redis.RedisError: Redis failed (then nothing, or all of it, happened).
+        """
+        _, slo_ms, met = judge(message, record)
+        action = f"action:{record['namespace']}/{record['name']}"
+        counters = [f"{prefix}:{kind}" for prefix in (action, f"node:{node}")
+                    for kind in (("total", "met") if met else ("total",))]
+        key = minute_key(int(record["end"]) // 60000)
+        return bool(self._script(keys=[inflight_key, key],
+                                 args=[raw, KEEP_MINUTES * 60, f"{action}:slo_ms", repr(slo_ms), *counters]))
 
 
 def read(client: redis.Redis, now_ms: int, minutes: int) -> dict:

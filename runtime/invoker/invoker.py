@@ -218,6 +218,7 @@ class Invoker:
         self._admin_token = tokens.admin_token(settings.node_secret) if settings.node_secret else ""
         self._picker = build_picker(self.redis, settings.profiles, settings.gpu_kind, settings.device_slots)
         self._reclaim = self.redis.register_script(RECLAIM_LUA)
+        self._recorder = attainment.Recorder(self.redis)
         # GPU server liveness as the invoker last saw it: None until its key was first seen
         # (a node without a GPU server, or one still starting, keeps taking work)
         self._gpu_up: bool | None = None
@@ -540,10 +541,7 @@ class Invoker:
         while True:
             try:
                 state.finish_activation(self.redis, record)
-                with self.redis.pipeline(transaction=True) as pipe:
-                    pipe.lrem(self.inflight_key, 1, raw)
-                    attainment.count(pipe, msg, record, self.settings.node_id)
-                    pipe.execute()
+                self._recorder.finish(self.inflight_key, raw, msg, record, self.settings.node_id)
                 return
             except redis.RedisError as exc:
                 if self._abandon.is_set():
