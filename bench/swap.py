@@ -125,7 +125,7 @@ def bench_model(name: str, node: Node, repo: Repository, reps: int, h2d: float) 
 
         def peer():
             ex0.evict(name)
-            pinned = ex1.pin(name)
+            pinned = ex1.pin(hm)
             res, _ = ex0.acquire(hm, 60.0, ex1.region_bytes(pinned), prefetch=True)
             try:
                 ex0.run(res, x)

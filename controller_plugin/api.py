@@ -29,8 +29,7 @@ from controller_plugin.auth import ENTITY_NAME, Authenticator, CredentialError, 
 from controller_plugin.config import ControllerSettings
 from controller_plugin.log_lines import GunicornJsonLogger, log_invocation
 from controller_plugin.metrics import ControllerMetrics, slo_ms_of
-from controller_plugin.predictor import ANY_KIND, Predictor
-from controller_plugin.routing import NodePicker, build_picker, requeue_from_dead_nodes
+from controller_plugin.routing import build_picker, check_picker_settings, requeue_from_dead_nodes
 from runtime.action.errors import ActionError
 from runtime.action.request_body import parse_json, read_body
 from runtime.gpu_server.protocol import check_model_name
@@ -335,6 +334,11 @@ class ActionRules:
                 "updated": updated_ms}
 
 
+def _public(action: dict) -> dict:
+    """An action record as the API shows it: without the internal ``revision`` id."""
+    return {k: v for k, v in action.items() if k != "revision"}
+
+
 def _action_summary(action: dict) -> dict:
     return {"namespace": action["namespace"], "name": action["name"], "version": action["version"],
             "publish": action["publish"], "annotations": action["annotations"], "limits": action["limits"],
@@ -520,7 +524,7 @@ def create_app(settings: ControllerSettings) -> Flask:
             raise ApiError(404, NOT_FOUND)
         if not _flag("code", default=True):
             action["exec"].pop("code", None)
-        return action
+        return _public(action)
 
     @app.put(NS + "/actions/<path:name>")
     def put_action(namespace: str, name: str) -> Any:
@@ -529,11 +533,12 @@ def create_app(settings: ControllerSettings) -> Flask:
         content = _json_object(settings.max_action_bytes, "the action")
         updated = now_ms()
         if overwrite:
-            return state.replace_action(r, ns, name, lambda current: ctl.rules.build(ns, name, content, current, updated))
+            return _public(state.replace_action(r, ns, name,
+                                                lambda current: ctl.rules.build(ns, name, content, current, updated)))
         record = ctl.rules.build(ns, name, content, None, updated)
         if not state.create_action(r, record):
             raise ApiError(409, "The requested resource already exists; use overwrite=true to update it.")
-        return record
+        return _public(record)
 
     @app.delete(NS + "/actions/<path:name>")
     def delete_action(namespace: str, name: str) -> Any:
@@ -541,7 +546,7 @@ def create_app(settings: ControllerSettings) -> Flask:
         action = state.delete_action(r, ns, name)
         if action is None:
             raise ApiError(404, NOT_FOUND)
-        return action
+        return _public(action)
 
     @app.post(NS + "/actions/<path:name>")
     def invoke(namespace: str, name: str) -> Any:
@@ -583,6 +588,7 @@ def create_app(settings: ControllerSettings) -> Flask:
             raise ApiError(429, str(exc)) from None
         state.put_pending(r, state.pending_record(activation_id, action, g.identity.namespace, submitted))
         message = {"activationId": activation_id, "namespace": ns, "action": name, "version": action["version"],
+                   "revision": action.get("revision"),
                    "params": params, "models": models, "gpu": None, "timeout_ms": timeout_ms,
                    "deadline": deadline, "submitted": submitted, "slo_ms": slo_ms, "attempt": 1,
                    "subject": g.identity.namespace, "blocking": blocking}
@@ -731,11 +737,5 @@ def command(**kwargs: Any) -> None:
         Authenticator(settings.auth, settings.namespace)
     except CredentialError as exc:
         raise click.BadParameter(str(exc), param_hint="--auth / TORPOR_AUTH") from None
-    if settings.profiles:
-        try:
-            Predictor().load_bench(settings.profiles)
-        except (OSError, ValueError) as exc:
-            raise click.BadParameter(str(exc), param_hint="--profiles / TORPOR_CONTROLLER_PROFILES") from None
-    if settings.device_slots < 0:
-        raise click.BadParameter("must be >= 0", param_hint="--device-slots / TORPOR_DEVICE_SLOTS")
+    check_picker_settings(settings.profiles, settings.device_slots)
     _gunicorn_app(settings, log_settings).run()

@@ -210,6 +210,23 @@ class NodePicker:
         return nbytes
 
 
+def check_picker_settings(profiles: str, device_slots: int) -> None:
+    """Checks what :func:`build_picker` will be given, at a process's start.
+
+    Raises:
+        click.BadParameter: unreadable or malformed profiles, negative slots.
+    """
+    import click
+
+    if profiles:
+        try:
+            Predictor().load_bench(profiles)
+        except (OSError, ValueError) as exc:
+            raise click.BadParameter(str(exc), param_hint="--profiles / TORPOR_CONTROLLER_PROFILES") from None
+    if device_slots < 0:
+        raise click.BadParameter("must be >= 0", param_hint="--device-slots / TORPOR_DEVICE_SLOTS")
+
+
 def build_picker(r: redis.Redis, profiles: str = "", gpu_kind: str = "", device_slots: int = 0) -> NodePicker:
     """The node choice every dispatcher (controller, an invoker re-dispatching) must share:
     the latency predictor seeded from ``profiles`` (a bench/swap.py result; empty: every

@@ -17,6 +17,7 @@ An activation record is the OpenWhisk record (``activationId``, ``namespace``, `
 from __future__ import annotations
 
 import json
+import uuid
 import secrets
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -28,7 +29,8 @@ NODES_KEY = PREFIX + "nodes"
 NODE_PREFIX = PREFIX + "node:"
 ACTIVATION_TTL_S = 7 * 24 * 3600
 # A replaced or deleted action revision is kept this long for the activations accepted with
-# it: longer than any of them may wait in a queue and run (deadline: timeout + margin).
+# it: far longer than an activation waits and runs on a working node (at most 5 min of run);
+# one that waited longer ends as a whisk error saying its revision is no longer kept.
 REVISION_TTL_S = 3600
 DONE_TTL_S = 300
 RATE_TTL_S = 120
@@ -55,10 +57,10 @@ def actions_key(namespace: str) -> str:
     return f"{PREFIX}actions:{namespace}"
 
 
-def revision_key(namespace: str, name: str, version: str) -> str:
+def revision_key(namespace: str, name: str, revision: str) -> str:
     """Where a replaced or deleted action record stays for :data:`REVISION_TTL_S` (names
     hold no ``/`` nor ``:``, so the key is unambiguous)."""
-    return f"{PREFIX}action:{namespace}/{name}:rev:{version}"
+    return f"{PREFIX}action:{namespace}/{name}:rev:{revision}"
 
 
 def activation_key(activation_id: str) -> str:
@@ -110,13 +112,23 @@ def get_action(r: redis.Redis, namespace: str, name: str) -> dict | None:
 
 
 def create_action(r: redis.Redis, record: dict) -> bool:
-    """Stores a new action record; False (and nothing written) when the name is taken."""
+    """Stores a new action record, with a new ``revision`` (set in ``record`` too); False
+    (and nothing written) when the name is taken."""
+    record["revision"] = new_revision()
     return bool(r.hsetnx(actions_key(record["namespace"]), record["name"], json.dumps(record)))
+
+
+def new_revision() -> str:
+    """A revision id: unique per write of an action record, unlike its user-settable
+    ``version`` (a deleted action created again starts at 0.0.1 again)."""
+    return uuid.uuid4().hex
 
 
 def replace_action(r: redis.Redis, namespace: str, name: str,
                    build: Callable[[dict | None], dict]) -> dict:
-    """Writes ``build(current record or None)`` as the action, atomically against concurrent updates.
+    """Writes ``build(current record or None)`` as the action, with a new ``revision``,
+    atomically against concurrent updates; the record it replaces is kept for
+    :data:`REVISION_TTL_S` under its revision (:func:`get_revision`).
 
     ``build`` may be called more than once (it is retried when another writer got there
     first) and may raise to abandon the update; its exception propagates.
@@ -126,10 +138,10 @@ def replace_action(r: redis.Redis, namespace: str, name: str,
     def update(pipe: redis.client.Pipeline) -> dict:
         raw = pipe.hget(key, name)
         current = json.loads(raw) if raw is not None else None
-        record = build(current)
+        record = {**build(current), "revision": new_revision()}
         pipe.multi()
         pipe.hset(key, name, json.dumps(record))
-        if current is not None and current.get("version") != record.get("version"):
+        if current is not None:
             _keep_revision(pipe, namespace, name, current, raw)
         return record
 
@@ -139,16 +151,17 @@ def replace_action(r: redis.Redis, namespace: str, name: str,
 def _keep_revision(pipe: redis.client.Pipeline, namespace: str, name: str, record: dict, raw: str) -> None:
     # activations accepted with this revision still run it (OpenWhisk runs the revision it
     # accepted), however the action changes meanwhile
-    if isinstance(record.get("version"), str):
-        pipe.set(revision_key(namespace, name, record["version"]), raw, ex=REVISION_TTL_S)
+    if isinstance(record.get("revision"), str):
+        pipe.set(revision_key(namespace, name, record["revision"]), raw, ex=REVISION_TTL_S)
 
 
-def get_revision(r: redis.Redis, namespace: str, name: str, version: str) -> str | None:
-    """The raw JSON of revision ``version`` of an action, current or kept after a change."""
+def get_revision(r: redis.Redis, namespace: str, name: str, revision: str) -> str | None:
+    """The raw JSON of revision ``revision`` of an action, current or kept after a change,
+    or None."""
     raw = r.hget(actions_key(namespace), name)
-    if raw is not None and json.loads(raw).get("version") == version:
+    if raw is not None and json.loads(raw).get("revision") == revision:
         return raw
-    return r.get(revision_key(namespace, name, version))
+    return r.get(revision_key(namespace, name, revision))
 
 
 def delete_action(r: redis.Redis, namespace: str, name: str) -> dict | None:

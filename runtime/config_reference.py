@@ -125,7 +125,8 @@ def plain_options() -> str:
                 default = p.default
                 if type(default).__name__ == "Sentinel":  # click 8.2+: no default given
                     default = False if p.is_flag else None
-                shown = ("none" if default is None or default == () else
+                shown = ("required" if p.required else
+                         "none" if default is None or default == () else
                          f"`{str(default).lower()}`" if isinstance(default, bool) else
                          f"`{_relative(default)}`")
                 rows.append(f"| `{path}` | {flags} | {_cell(shown)} | {_cell(p.help or '')} |")

@@ -218,7 +218,8 @@ def test_action_create_get_update_list_delete(controller):
     assert action["limits"] == {"timeout": 60000, "memory": 256, "logs": 10, "concurrency": 1}
     assert action["publish"] is False and action["updated"] > 0
     assert {"key": "exec", "value": "python:3"} in action["annotations"]
-    assert json.loads(api.redis.hget("torpor:actions:guest", "hello")) == action
+    stored = json.loads(api.redis.hget("torpor:actions:guest", "hello"))
+    assert len(stored.pop("revision")) == 32 and stored == action  # the revision id stays internal
 
     got = api.call("GET", "/api/v1/namespaces/guest/actions/hello").json()
     assert got == action

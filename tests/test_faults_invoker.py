@@ -262,3 +262,14 @@ def test_an_invoker_redispatches_with_the_controllers_profiles_and_slot_limit(pr
     picker = invoker._picker
     assert picker.default_slots == 3 and picker.kind == "NVIDIA H200"
     assert picker.model_inputs("m") == (5_000_000, 3.5)
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"TORPOR_CONTROLLER_PROFILES": "/no/such/profiles.json"}, "TORPOR_CONTROLLER_PROFILES"),
+    ({"TORPOR_DEVICE_SLOTS": "-1"}, "must be >= 0"),
+])
+def test_the_invoker_refuses_bad_picker_settings_at_start(private_redis, env, fragment):
+    from click.testing import CliRunner
+    from runtime.invoker.invoker import command
+    result = CliRunner().invoke(command, ["--redis-url", private_redis.url], env=env)
+    assert result.exit_code == 2 and fragment in result.output

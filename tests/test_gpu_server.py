@@ -639,6 +639,25 @@ def test_a_half_sent_frame_is_dropped_after_the_frame_timeout(server, client, mo
         assert FRAME_TIMEOUT_S - 0.5 < time.monotonic() - started < FRAME_TIMEOUT_S + 5
     finally:
         sock.close()
+    # a byte now and then does not keep the frame alive: the timeout is for the whole frame
+    sock = raw_connection(server.socket)
+    try:
+        sock.settimeout(FRAME_TIMEOUT_S + 10)
+        started = time.monotonic()
+        frame = (1000).to_bytes(4, "big") + b'{"op": "health"'
+        closed = False
+        for byte in frame:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                closed = True
+                break
+            time.sleep(FRAME_TIMEOUT_S / 4)
+        if not closed:
+            assert sock.recv(1) == b""
+        assert time.monotonic() - started < FRAME_TIMEOUT_S * 3
+    finally:
+        sock.close()
     assert client.health()["healthy"]
     # a payload field that is not a count is refused, not read
     with raw_connection(server.socket) as sock:
@@ -690,3 +709,52 @@ def test_shutdown_removes_the_socket_and_leaves_client_segments_to_the_client(se
     with pytest.raises(ModelError) as err:
         client.health()
     assert (err.value.status, err.value.code) == (503, "unavailable")
+
+
+def peer_node(repo: Repository) -> Node:
+    """Two CPU devices linked as NVLink peers (each its own host link)."""
+    from runtime.gpu_server import topology as topo
+    links = topo.Topology("cpu", tuple(topo.DeviceLinks(i, None, f"cpu:{i}", frozenset({1 - i})) for i in range(2)))
+    return Node(ModelStore(repo, pin=False), discover(cpu_devices=2, device_memory=4 * REGION, arena_bytes=0),
+                GROUP_BYTES, topology=links)
+
+
+def test_a_model_busy_on_one_device_is_copied_from_it_to_the_other(repo):
+    native = models.register(repo, "m", "resnet", seed=1)
+    node = peer_node(repo)
+    arrays = models.inputs("resnet")
+    x = [torch.from_numpy(a) for a in arrays]
+    assert node.infer("m", x, 0, 5)[1]["device"] == 0
+    busy = node.executors[0]
+    busy.resident["m"].in_use += 1  # a long run holds it
+    busy.queued += 5
+    try:
+        outputs, info = node.infer("m", x, None, 5)
+    finally:
+        busy.resident["m"].in_use -= 1
+        busy.queued -= 5
+    assert (info["device"], info["path"]) == (1, "nvlink")
+    models.assert_same([o.numpy() for o in outputs], models.native(native, arrays))
+
+
+def test_a_new_version_is_never_copied_from_an_old_ones_bytes(repo, monkeypatch):
+    from runtime.gpu_server import store as store_module
+    models.register(repo, "m", "resnet", seed=1)
+    node = peer_node(repo)
+    arrays = models.inputs("resnet")
+    x = [torch.from_numpy(a) for a in arrays]
+    node.infer("m", x, 0, 5)
+    old = node.executors[0].resident["m"]
+    old.in_use += 1  # the old version stays busy on device 0 while a new one is registered
+    node.executors[0].queued += 5
+    monkeypatch.setattr(store_module, "VERSION_CHECK_S", 0.0)
+    new = models.register(repo, "m", "resnet", seed=2)
+    try:
+        outputs, info = node.infer("m", x, None, 5)
+    finally:
+        old.in_use -= 1
+        node.executors[0].queued -= 5
+    assert info["path"] == "pcie"  # from the host: the peer holds another version's bytes
+    models.assert_same([o.numpy() for o in outputs], models.native(new, arrays))
+    for ex in node.executors:  # no device keeps a bound module of the old version
+        assert all(bound[0] is not old.model for bound in ex._bound.values())

@@ -84,9 +84,9 @@ def put_action(r, name, code, *, ns="guest", version="0.0.1", binary=False, main
     return record
 
 
-def message(name, params=None, *, ns="guest", version="0.0.1", timeout_ms=None, models=()) -> dict:
+def message(name, params=None, *, ns="guest", version="0.0.1", revision=None, timeout_ms=None, models=()) -> dict:
     now = int(time.time() * 1000)
-    return {"activationId": uuid.uuid4().hex, "namespace": ns, "action": name, "version": version,
+    return {"activationId": uuid.uuid4().hex, "namespace": ns, "action": name, "version": version, "revision": revision,
             "params": params if params is not None else {}, "models": list(models), "gpu": None,
             "timeout_ms": timeout_ms, "deadline": now + 60000, "submitted": now, "attempt": 1,
             "subject": ns, "blocking": True}
@@ -265,28 +265,38 @@ def test_container_cap_makes_activations_wait_for_a_free_container(r, make_invok
 
 def test_an_activation_runs_the_revision_it_was_accepted_with(r, make_invoker):
     """OpenWhisk runs the revision it accepted: an update or a delete after the controller
-    accepted an activation does not fail it (the controller keeps replaced revisions)."""
+    accepted an activation does not change what it runs (the controller keeps replaced
+    revisions, by a revision id of their own: versions can repeat)."""
     from controller_plugin import state
     make_invoker()
-    put_action(r, "versioned", "def main(args):\n    return {'v': 1}\n")  # version 0.0.1
-    assert record_of(r, submit(r, "versioned"))["response"]["result"] == {"v": 1}
 
-    def update(current: dict) -> dict:
-        return {**current, "version": "0.0.2", "exec": {**current["exec"], "code": "def main(args):\n    return {'v': 2}\n"}}
+    def create(code: str) -> str:
+        record = {"namespace": "guest", "name": "versioned", "version": "0.0.1",
+                  "exec": {"kind": "python:3", "code": code, "binary": False, "main": "main"}, "parameters": [],
+                  "annotations": [], "limits": {"timeout": 60000, "memory": 256, "logs": 10, "concurrency": 1},
+                  "publish": False, "updated": int(time.time() * 1000)}
+        assert state.create_action(r, record)
+        return record["revision"]
 
-    state.replace_action(r, "guest", "versioned", update)
-    stale = record_of(r, submit(r, "versioned", version="0.0.1"))
-    assert stale["response"]["result"] == {"v": 1}
-    fresh = record_of(r, submit(r, "versioned", version="0.0.2"))
-    assert fresh["response"]["result"] == {"v": 2} and "initTime" in annotations(fresh)  # its own container
+    def update(code: str, version: str | None = None) -> str:
+        return state.replace_action(r, "guest", "versioned", lambda current: {
+            **current, "version": version or current["version"], "exec": {**current["exec"], "code": code}})["revision"]
+
+    def run(revision: str) -> dict:
+        return record_of(r, submit(r, "versioned", revision=revision))["response"]
+
+    first = create("def main(args):\n    return {'v': 1}\n")
+    assert run(first)["result"] == {"v": 1}
+    second = update("def main(args):\n    return {'v': 2}\n", version="0.0.2")
+    third = update("def main(args):\n    return {'v': 3}\n", version="0.0.2")  # the same version again
+    assert (run(first)["result"], run(second)["result"], run(third)["result"]) == ({"v": 1}, {"v": 2}, {"v": 3})
     state.delete_action(r, "guest", "versioned")
-    assert record_of(r, submit(r, "versioned", version="0.0.2"))["response"]["result"] == {"v": 2}
-    r.delete(state.revision_key("guest", "versioned", "0.0.1"))  # as when its time to be kept ran out
-    gone = record_of(r, submit(r, "versioned", version="0.0.1"))
-    assert gone["response"]["statusCode"] == 3 and "no longer exists" in gone["response"]["result"]["error"]
-    put_action(r, "versioned", "def main(args):\n    return {'v': 3}\n", version="0.0.3")
-    replaced = record_of(r, submit(r, "versioned", version="0.0.1"))
-    assert replaced["response"]["statusCode"] == 3 and "no longer kept" in replaced["response"]["result"]["error"]
+    assert run(third)["result"] == {"v": 3}  # deleted after it was accepted
+    recreated = create("def main(args):\n    return {'v': 'new'}\n")  # 0.0.1 again, another revision
+    assert run(first)["result"] == {"v": 1} and run(recreated)["result"] == {"v": "new"}
+    r.delete(state.revision_key("guest", "versioned", first))  # as when its time to be kept ran out
+    gone = run(first)
+    assert gone["statusCode"] == 3 and "no longer kept" in gone["result"]["error"]
 
 
 def test_deleted_action_and_malformed_message(r, make_invoker):

@@ -289,9 +289,13 @@ def test_loadgen_command_against_the_server(server, trace, tmp_path):
     head = json.loads(result.output.strip().splitlines()[-1])
     expected = len(schedule(trace, 3, 4, minutes=1))
     assert (head["requests"], head["completed"], head["failed"]) == (expected, expected, 0)
-    assert head["slo_attainment"] == 1.0
     saved = json.loads(Path(head["json"]).read_text())
     assert list(saved["per_function"]) == ["double#0", "other#1", "double#2"]
+    # attainment is the share of functions whose P98 met the SLO (how many do is the
+    # machine's business: a loaded CI runner may miss 100 ms)
+    per_function = saved["per_function"].values()
+    assert all(f["slo_met"] == (f["p98_ms"] <= f["slo_ms"]) for f in per_function)
+    assert head["slo_attainment"] == sum(f["slo_met"] for f in per_function) / 3
     assert Path(head["png"]).read_bytes()[:8] == PNG_MAGIC
     assert output_paths(str(out) + ".json") == (out.with_suffix(".json"), out.with_suffix(".png"))
 

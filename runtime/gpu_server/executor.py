@@ -181,12 +181,13 @@ class Executor:
         self.arena.free(name)
         self.stats.evictions += 1
 
-    def pin(self, name: str) -> Residency | None:
-        """Marks ``name`` in use when it is resident and fully landed (a peer-copy source);
+    def pin(self, model: HostModel) -> Residency | None:
+        """Marks ``model`` in use when this very version of it is resident and fully landed
+        (a peer-copy source: an older version's bytes must never become a newer one's);
         returns its residency, to :meth:`release` later, or None."""
         with self._cond:
-            res = self.resident.get(name)
-            if res is None or res.landing:
+            res = self.resident.get(model.name)
+            if res is None or res.landing or res.model is not model:
                 return None
             res.in_use += 1
             return res

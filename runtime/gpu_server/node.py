@@ -50,6 +50,7 @@ class Node:
         self.predictor = Predictor()
         self.topology = topology or topo.cpu_topology(len(devices))
         self.executors = [Executor(d, eviction_cost=self._eviction_cost, group_bytes=group_bytes, graphs=graphs) for d in devices]
+        store.on_replaced = self._version_replaced
         self._choose_lock = threading.Lock()
         self._routed: Counter[tuple[int, str]] = Counter()  # (device, model) → requests routed, not finished
 
@@ -134,7 +135,7 @@ class Node:
 
     def _acquire(self, ex: Executor, source: Executor | None, model: HostModel, timeout_s: float,
                  prefetch: bool = False) -> tuple[Residency, bool, Residency | None]:
-        pinned = source.pin(model.name) if source is not None else None
+        pinned = source.pin(model) if source is not None else None
         try:
             res, swapped = ex.acquire(model, timeout_s, source.region_bytes(pinned) if pinned else None, prefetch)
         except BaseException:
@@ -195,6 +196,14 @@ class Node:
             return {"device": ex.device.index, "swap_in": swapped, "path": path}
         finally:
             self.done(ex, model)
+
+    def _version_replaced(self, name: str) -> None:
+        """The store found a new version of ``name`` in the repository, or none: every copy
+        on the devices is of an older version. Idle ones are evicted and their bound
+        modules, homes and graphs dropped at once (no stale host buffer stays referenced);
+        copies in use are replaced once idle (Executor.acquire)."""
+        for ex in self.executors:
+            ex.forget(name)
 
     def forget(self, name: str) -> None:
         """Unregisters ``name``: drops it from the store and from every idle device."""

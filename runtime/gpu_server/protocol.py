@@ -22,6 +22,7 @@ import mmap
 import os
 import socket
 import struct
+import time
 import uuid
 
 import numpy as np
@@ -66,13 +67,25 @@ def check_model_name(name) -> str:
     return name
 
 
-def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None) -> bytearray:
-    """``n`` bytes from ``sock``; with ``fds`` the descriptors that came with them are
-    appended to it (without, the kernel discards any: a peer cannot leak them into us)."""
-    buf = bytearray(n)
-    view = memoryview(buf)
+def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None, deadline: float | None = None,
+                view: memoryview | None = None) -> bytearray:
+    """``n`` bytes from ``sock`` (into ``view`` when given); with ``fds`` the descriptors
+    that came with them are appended to it (without, the kernel discards any: a peer cannot
+    leak them into us); with ``deadline`` (``time.monotonic()``) all of them by then.
+
+    Raises:
+        ConnectionError: the peer closed the connection.
+        TimeoutError: the deadline passed.
+    """
+    buf = bytearray(n) if view is None else None
+    view = memoryview(buf) if view is None else view
     got = 0
     while got < n:
+        if deadline is not None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("the rest of the frame did not come in time")
+            sock.settimeout(remaining)
         if fds is None:
             k = sock.recv_into(view[got:], n - got)
         else:
@@ -87,7 +100,7 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None) -> by
         if k == 0:
             raise ConnectionError("peer closed the connection")
         got += k
-    return buf
+    return buf if buf is not None else bytearray(view)
 
 
 def send(sock: socket.socket, header: dict, payload: bytes | memoryview = b"", fds: tuple[int, ...] = ()) -> None:
@@ -111,9 +124,9 @@ def recv(sock: socket.socket, max_payload: int, fds: list[int] | None = None,
          frame_timeout_s: float | None = None) -> tuple[dict, bytes]:
     """Receives one message; with ``fds``, the descriptors it carried are appended to it
     (the caller owns and closes them, also when this raises). With ``frame_timeout_s``, the
-    rest of a message must arrive within that many seconds of its first bytes (a peer that
-    sends half a frame cannot hold the reader forever); the wait for the first bytes keeps
-    the socket's own timeout.
+    whole rest of a message must arrive within that many seconds of its first byte (a peer
+    that sends half a frame, or a byte now and then, cannot hold the reader forever); the
+    wait for the first byte keeps the socket's own timeout.
 
     Raises:
         ConnectionError: the peer closed the connection.
@@ -121,22 +134,26 @@ def recv(sock: socket.socket, max_payload: int, fds: list[int] | None = None,
         ProtocolError: oversized or malformed header, a payload over ``max_payload`` bytes,
             or more than :data:`MAX_FDS` descriptors.
     """
-    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size, fds))
     if frame_timeout_s is None:
-        return _recv_rest(sock, n, max_payload, fds)
+        return _recv_rest(sock, _recv_exact(sock, _LEN.size, fds), max_payload, fds, None)
+    prefix = bytearray(_LEN.size)
+    _recv_exact(sock, 1, fds, view=memoryview(prefix)[:1])  # the wait for a frame: the socket's own timeout
+    deadline = time.monotonic() + frame_timeout_s
     previous = sock.gettimeout()
-    sock.settimeout(frame_timeout_s)
     try:
-        return _recv_rest(sock, n, max_payload, fds)
+        _recv_exact(sock, _LEN.size - 1, fds, deadline, view=memoryview(prefix)[1:])
+        return _recv_rest(sock, prefix, max_payload, fds, deadline)
     finally:
         sock.settimeout(previous)
 
 
-def _recv_rest(sock: socket.socket, n: int, max_payload: int, fds: list[int] | None) -> tuple[dict, bytes]:
+def _recv_rest(sock: socket.socket, prefix: bytearray, max_payload: int, fds: list[int] | None,
+               deadline: float | None) -> tuple[dict, bytes]:
+    (n,) = _LEN.unpack(prefix)
     if n > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {n} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
     try:
-        header = json.loads(_recv_exact(sock, n, fds))
+        header = json.loads(_recv_exact(sock, n, fds, deadline))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ProtocolError(f"header is not valid JSON: {exc}") from None
     except RecursionError:
@@ -148,7 +165,7 @@ def _recv_rest(sock: socket.socket, n: int, max_payload: int, fds: list[int] | N
         raise ProtocolError(f"field 'payload' must be a non-negative integer, not {size!r}")
     if size > max_payload:
         raise ProtocolError(f"payload of {size} bytes exceeds the limit of {max_payload} bytes")
-    return header, bytes(_recv_exact(sock, size)) if size else b""
+    return header, bytes(_recv_exact(sock, size, None, deadline)) if size else b""
 
 
 class Segment:

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -161,6 +162,9 @@ class ModelStore:
         self._models: dict[str, HostModel] = {}
         self._checked: dict[str, float] = {}  # name → when its loaded version was last found current
         self._failed: dict[str, tuple[str, ModelLoadError]] = {}  # name → (version folder, error)
+        # called with a name whose loaded version the repository no longer holds, before its
+        # new version is served (the node evicts the old copies from its devices)
+        self.on_replaced: Callable[[str], None] | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -181,11 +185,15 @@ class ModelStore:
             try:
                 current = str(self.repository.resolve(name))
             except KeyError:
-                self.drop(name)
+                if self.drop(name) is not None:
+                    self._replaced(name)
                 raise
             if model is not None and model.spec.path == current:
                 self._checked[name] = time.monotonic()
                 return model
+            if model is not None:  # a newer version (or a broken one) replaces it, served or not
+                self.drop(name)
+                self._replaced(name)
             failed = self._failed.get(name)
             if failed and failed[0] == current:
                 raise failed[1]
@@ -200,6 +208,10 @@ class ModelStore:
             self._models[name] = model
             self._checked[name] = time.monotonic()
             return model
+
+    def _replaced(self, name: str) -> None:
+        if self.on_replaced is not None:
+            self.on_replaced(name)
 
     def _load(self, name: str, spec: ModelSpec) -> HostModel:
         try:

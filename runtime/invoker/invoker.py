@@ -25,7 +25,7 @@ import requests
 
 from controller_plugin import attainment, state
 from controller_plugin.api import models_of
-from controller_plugin.routing import build_picker
+from controller_plugin.routing import build_picker, check_picker_settings
 from controller_plugin.state import APPLICATION_ERROR, DEVELOPER_ERROR, SUCCESS, WHISK_ERROR
 from runtime.gpu_server import tokens
 from runtime.invoker.config import InvokerSettings
@@ -477,6 +477,7 @@ class Invoker:
             failed_on_redis = True
             log.warning("activation message %r stays in flight, Redis failed: %s", raw[:120], exc)
         except Exception:
+            left = False  # it stays in flight: the orphan scan runs it again, with its booking
             log.exception("activation message %r failed", raw[:200])
         finally:
             # the device slot the controller booked for it (routing.NodePicker) is free again once
@@ -603,13 +604,14 @@ class Invoker:
                  "met" if met else "missed", extra={"fields": fields})
 
     def _execute(self, msg: dict) -> tuple[dict | None, Outcome]:
-        ns, name, version = msg["namespace"], msg["action"], msg.get("version")
-        if isinstance(version, str):  # the revision the controller accepted, even if changed since
-            raw = state.get_revision(self.redis, ns, name, version)
+        ns, name, revision = msg["namespace"], msg["action"], msg.get("revision")
+        if isinstance(revision, str):  # the revision the controller accepted, even if changed since
+            raw = state.get_revision(self.redis, ns, name, revision)
             if raw is None and self.redis.hexists(state.actions_key(ns), name):
-                return None, _error(WHISK_ERROR, f"Revision {version} of the action {ns}/{name} is no longer kept: "
-                                                    f"it was replaced more than {state.REVISION_TTL_S} s before the "
-                                                    "activation ran.")
+                return None, _error(WHISK_ERROR, f"The revision of the action {ns}/{name} (version "
+                                                    f"{msg.get('version')}) that accepted this activation is no "
+                                                    f"longer kept: it was replaced more than {state.REVISION_TTL_S} s "
+                                                    "before the activation ran.")
         else:
             raw = self.redis.hget(state.actions_key(ns), name)
         if raw is None:
@@ -745,6 +747,7 @@ def command(**kwargs) -> None:
     """Run this node's invoker: consume torpor:node:{id}:queue and run the actions."""
     configure_from_kwargs(kwargs, "invoker")
     settings = from_kwargs(InvokerSettings, kwargs)
+    check_picker_settings(settings.profiles, settings.device_slots)
     try:
         invoker = Invoker(settings).start()
     except (FileNotFoundError, redis.RedisError) as exc:
