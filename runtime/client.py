@@ -94,10 +94,13 @@ class GPUServerClient:
         return sock
 
     def segment(self, nbytes: int) -> protocol.Segment:
-        """This thread's shared-memory segment, replaced by a larger one when it holds less
-        than ``nbytes`` bytes."""
+        """This thread's shared-memory segment of at least ``nbytes`` bytes (at least
+        ``DEFAULT_SHM_BYTES``): a new one when the current one is smaller, or more than twice
+        that large."""
         segment = getattr(self._local, "segment", None)
-        if segment is None or segment.size < nbytes:
+        # replaced when too small, and when far larger than needed (after one huge call),
+        # since the server refuses segments much larger than its input limit
+        if segment is None or segment.size < nbytes or segment.size > 2 * max(nbytes, DEFAULT_SHM_BYTES):
             if segment is not None:
                 segment.close()
             segment = self._local.segment = protocol.Segment.create(max(nbytes, DEFAULT_SHM_BYTES))

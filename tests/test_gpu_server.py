@@ -5,6 +5,8 @@ served output is compared bitwise with native execution of the same weights."""
 from __future__ import annotations
 
 import array
+import fcntl
+import json
 import os
 import shutil
 import socket
@@ -382,13 +384,6 @@ def test_bad_inputs_are_refused_with_400(server, client, mutate, status, code, w
                        models.native(server.natives["resnet"], models.inputs("resnet")))
 
 
-def test_token_ids_outside_the_vocabulary_are_a_400(client):
-    ids = np.full((1, 8), 1000, dtype=np.int64)
-    with pytest.raises(ModelError) as err:
-        client.infer("gpt2", [ids])
-    assert err.value.status == 400 and "rejected its input" in str(err.value)
-
-
 def test_unknown_model_is_a_404(client):
     with pytest.raises(ModelError) as err:
         client.infer("no-such-model", models.inputs("resnet"))
@@ -604,6 +599,50 @@ def test_a_segment_that_could_shrink_is_refused_and_the_server_lives(server, cli
     assert client.health()["healthy"]
 
 
+def test_a_huge_sparse_segment_is_refused_and_costs_the_server_nothing(server, client):
+    fd = os.memfd_create("huge", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 1 << 40)  # 1 TiB, no memory: only the address space of whoever maps it
+    fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+    arrays = models.inputs("vit")
+    entries, _ = protocol.describe(arrays)
+    try:
+        with raw_connection(server.socket) as sock:
+            protocol.send(sock, {"op": "infer", "model": "vit", "shm": "huge", "inputs": entries}, fds=(fd,))
+            reply, _ = protocol.recv(sock, 1 << 30)
+    finally:
+        os.close(fd)
+    assert reply["status"] == 400 and "over the limit" in reply["error"]
+    maps = Path(f"/proc/{server.proc.pid}/maps").read_text()
+    assert "memfd:huge" not in maps
+    assert client.health()["healthy"]
+
+
+@pytest.mark.parametrize("header, words", [
+    ('{"op": "health"}'.encode("utf-16"), "UTF-8"),
+    (b'{"op": "health", "device": ' + b"9" * 5000 + b"}", "not valid JSON"),
+], ids=["utf16", "long-int"])
+def test_headers_that_are_not_plain_utf8_json_are_a_400(server, header, words):
+    with raw_connection(server.socket) as sock:
+        sock.sendall(len(header).to_bytes(4, "big") + header)
+        reply, _ = protocol.recv(sock, 0)
+    assert reply["status"] == 400 and words in reply["error"]
+
+
+def test_a_claimed_payload_costs_memory_only_as_it_arrives(server, client):
+    rss_before = server.rss_bytes()
+    socks = [raw_connection(server.socket) for _ in range(4)]
+    try:
+        for sock in socks:  # each claims 200 MiB and sends one byte of it
+            header = json.dumps({"op": "health", "payload": 200 << 20}).encode()
+            sock.sendall(len(header).to_bytes(4, "big") + header + b"x")
+        time.sleep(0.5)
+        assert server.rss_bytes() - rss_before < 64 << 20
+    finally:
+        for sock in socks:
+            sock.close()
+    assert client.health()["healthy"]
+
+
 def test_a_sealed_segment_cannot_be_shrunk_under_the_server(server, client):
     client.infer("vit", models.inputs("vit"))
     segment = client._local.segment
@@ -758,3 +797,30 @@ def test_a_new_version_is_never_copied_from_an_old_ones_bytes(repo, monkeypatch)
     models.assert_same([o.numpy() for o in outputs], models.native(new, arrays))
     for ex in node.executors:  # no device keeps a bound module of the old version
         assert all(bound[0] is not old.model for bound in ex._bound.values())
+
+
+def test_token_ids_outside_the_embedding_are_a_400_before_any_run(server, client):
+    ids = models.inputs("gpt2")
+    ids[0][0, -1] = models.TINY["gpt2"].vocab  # one past the table: a device-side assert on a GPU
+    runs = sum(d["runs"] for d in client.stats()["devices"])
+    with pytest.raises(ModelError) as err:
+        client.infer("gpt2", ids)
+    assert err.value.status == 400 and "outside 0..63" in str(err.value)
+    ids[0][0, -1] = -1
+    with pytest.raises(ModelError):
+        client.infer("gpt2", ids)
+    assert sum(d["runs"] for d in client.stats()["devices"]) == runs
+
+
+def test_registration_finds_the_id_and_length_limits_of_token_inputs(repo, tmp_path):
+    from runtime.gpu_server.repository import TensorSpec
+    from runtime.gpu_server.server import RequestError, validate
+    module = models.build("gpt2")
+    spec = models.spec("g", "gpt2")
+    spec.inputs = [TensorSpec("input_ids", "int64", [1, None])]
+    spec = repo.register(spec, models.save(module, tmp_path / "g.safetensors"))
+    (ids,) = repo.spec("g").inputs
+    assert (ids.high, ids.max_len) == (64, 16)  # vocab_size and n_positions of the tiny GPT-2
+    validate([ids], [np.zeros((1, 16), np.int64)], "g")
+    with pytest.raises(RequestError, match="over the model's 16 positions"):
+        validate([ids], [np.zeros((1, 17), np.int64)], "g")

@@ -145,3 +145,27 @@ def test_a_packed_model_is_served_equal_to_native_through_the_store(repo):
     model = ModelStore(repo, pin=False).get("served")
     assert all(t.device == torch.device("meta") for t in named_weights(model.template).values())
     models.assert_same(run(model, "vit"), models.native(native, models.inputs("vit")))
+
+
+@pytest.mark.parametrize("change, words", [
+    (lambda d: d["slots"][1]["names"].append(d["slots"][0]["names"][0]), "named in two slots"),
+    (lambda d: d["slots"][0].update(names=[]), "non-empty list"),
+    (lambda d: d["slots"][0].update(shape="ab"), "list of non-negative integers"),
+    (lambda d: d.update(total_bytes=2 ** 62), "claims"),
+    (lambda d: d["first_use_end"].update({"": 3}), "first_use_end"),
+], ids=["duplicate-name", "no-names", "string-shape", "huge", "first-use-end"])
+def test_a_tampered_layout_is_a_load_error_never_wrong_outputs(repo, change, words):
+    models.register(repo, "t", "gpt2")
+    layout_file = Path(repo.spec("t").path) / LAYOUT_FILE
+    data = json.loads(layout_file.read_text())
+    change(data)
+    layout_file.write_text(json.dumps(data))
+    with pytest.raises(ModelLoadError, match=words):
+        load(repo.spec("t"), pin=False)
+
+
+def test_a_layout_nested_too_deeply_is_a_load_error(repo):
+    models.register(repo, "deep", "resnet")
+    (Path(repo.spec("deep").path) / LAYOUT_FILE).write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ModelLoadError, match=LAYOUT_FILE):
+        load(repo.spec("deep"), pin=False)

@@ -65,9 +65,10 @@ class Layout:
         """The layout :meth:`to_json` described.
 
         Raises:
-            ValueError: a field is missing or malformed, an unknown dtype, or slots that
-                overlap, are misaligned, disagree with their shape and dtype, or run past
-                ``total_bytes``.
+            ValueError: a field is missing or malformed, an unknown dtype, a weight named in
+                two slots, slots that overlap, are misaligned, disagree with their shape and
+                dtype, or run past ``total_bytes``, or a ``first_use_end`` that is not the
+                aligned end of a slot.
         """
         try:
             slots = []
@@ -75,11 +76,21 @@ class Layout:
                 dtype = getattr(torch, s["dtype"])
                 if not isinstance(dtype, torch.dtype):
                     raise ValueError(f"unknown dtype {s['dtype']!r}")
-                slots.append(Slot(tuple(s["names"]), int(s["offset"]), int(s["nbytes"]), tuple(s["shape"]), dtype))
-            layout = cls(slots, int(data["total_bytes"]), {str(k): int(v) for k, v in data["first_use_end"].items()},
-                         bool(data["traced"]))
+                names, shape = s["names"], s["shape"]
+                if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+                    raise ValueError(f"slot names {names!r} must be a non-empty list of strings")
+                if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+                    raise ValueError(f"slot shape {shape!r} must be a list of non-negative integers")
+                slots.append(Slot(tuple(names), int(s["offset"]), int(s["nbytes"]), tuple(shape), dtype))
+            first_use_end = {str(k): int(v) for k, v in data["first_use_end"].items()}
+            layout = cls(slots, int(data["total_bytes"]), first_use_end, bool(data["traced"]))
         except (KeyError, TypeError, AttributeError) as exc:
             raise ValueError(f"malformed layout: {type(exc).__name__}: {exc}") from exc
+        except ValueError as exc:
+            raise ValueError(f"malformed layout: {exc}") from exc
+        named = [n for slot in layout.slots for n in slot.names]
+        if len(named) != len(set(named)):
+            raise ValueError("malformed layout: a weight is named in two slots")
         end = 0
         for slot in sorted(layout.slots, key=lambda s: s.offset):
             numel = 1
@@ -90,6 +101,9 @@ class Layout:
             end = slot.offset + slot.nbytes
         if end > layout.total_bytes:
             raise ValueError(f"malformed layout: slots end at {end}, past total_bytes {layout.total_bytes}")
+        ends = {_align(s.offset + s.nbytes) for s in layout.slots}
+        if not set(layout.first_use_end.values()) <= ends:
+            raise ValueError("malformed layout: a first_use_end is not the aligned end of a slot")
         return layout
 
 

@@ -30,6 +30,10 @@ import numpy as np
 MAX_HEADER_BYTES = 1 << 20
 MAX_MODEL_NAME_BYTES = 200  # bytes of UTF-8 (check_model_name)
 MAX_FDS = 1  # file descriptors one message may carry
+PAYLOAD_CHUNK = 1 << 20  # bytes read at a time
+# a segment may exceed the input limit by this much (runtime.client makes segments of at
+# least 16 MiB, 4 MiB beyond the inputs, so that outputs fit after them)
+SEGMENT_SLACK_BYTES = 16 << 20
 _FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 TENSOR_ALIGNMENT = 64  # bytes between tensors in shared memory
 _LEN = struct.Struct(">I")
@@ -153,9 +157,9 @@ def _recv_rest(sock: socket.socket, prefix: bytearray, max_payload: int, fds: li
     if n > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {n} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
     try:
-        header = json.loads(_recv_exact(sock, n, fds, deadline))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProtocolError(f"header is not valid JSON: {exc}") from None
+        header = json.loads(_recv_exact(sock, n, fds, deadline).decode("utf-8"))
+    except ValueError as exc:  # not UTF-8, not JSON, an integer of more digits than Python converts
+        raise ProtocolError(f"header is not valid JSON (UTF-8): {exc}") from None
     except RecursionError:
         raise ProtocolError("header nests JSON too deeply") from None
     if not isinstance(header, dict):
@@ -165,7 +169,12 @@ def _recv_rest(sock: socket.socket, prefix: bytearray, max_payload: int, fds: li
         raise ProtocolError(f"field 'payload' must be a non-negative integer, not {size!r}")
     if size > max_payload:
         raise ProtocolError(f"payload of {size} bytes exceeds the limit of {max_payload} bytes")
-    return header, bytes(_recv_exact(sock, size, None, deadline)) if size else b""
+    if not size:
+        return header, b""
+    chunks = []  # memory grows as bytes arrive, not by the size a header claims
+    for start in range(0, size, PAYLOAD_CHUNK):
+        chunks.append(_recv_exact(sock, min(PAYLOAD_CHUNK, size - start), None, deadline))
+    return header, b"".join(chunks)
 
 
 class Segment:
@@ -201,12 +210,15 @@ class Segment:
             raise
 
     @classmethod
-    def attach(cls, fd: int, segment_id: str) -> "Segment":
+    def attach(cls, fd: int, segment_id: str, max_bytes: int) -> "Segment":
         """Maps a peer's segment from its descriptor (taking ownership of ``fd``, which is
-        closed once mapped).
+        closed once mapped). Its size is fixed from then on: a segment the peer grows later
+        must be sent again.
 
         Raises:
-            ProtocolError: ``fd`` is not a memfd sealed against shrinking.
+            ProtocolError: ``fd`` is not a memfd sealed against shrinking, or it is larger
+                than ``max_bytes`` (a sparse memfd of terabytes costs its sender nothing and
+                would exhaust this process's address space).
         """
         try:
             try:
@@ -216,7 +228,11 @@ class Segment:
                                     "(create it with memfd_create(MFD_ALLOW_SEALING))") from None
             if not seals & fcntl.F_SEAL_SHRINK:
                 raise ProtocolError("the shared-memory segment sent is not sealed against shrinking (F_SEAL_SHRINK)")
-            segment = cls(fd, os.fstat(fd).st_size, segment_id)
+            size = os.fstat(fd).st_size
+            if size > max_bytes:
+                raise ProtocolError(f"the shared-memory segment sent is {size} bytes, over the limit of "
+                                    f"{max_bytes} bytes")
+            segment = cls(fd, size, segment_id)
         finally:
             os.close(fd)
         segment.fd = -1

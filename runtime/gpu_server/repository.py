@@ -43,6 +43,7 @@ first, the one step that is not atomic (a load running at that instant may fail 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -85,11 +86,20 @@ class VersionGone(ModelLoadError):
 
 @dataclass
 class TensorSpec:
-    """One input: name, dtype name (``float32``...) and shape (``None`` = dynamic dim)."""
+    """One input: name, dtype name (``float32``...) and shape (``None`` = dynamic dim).
+
+    ``high`` and ``max_len`` are found at registration for integer inputs that index an
+    embedding table (token ids): values must lie in ``[0, high)`` and a dynamic last
+    dimension may be at most ``max_len`` (the model's position table). The GPU server checks
+    both before a run: on a GPU an index out of range is a device-side assert, which poisons
+    the device for every later call, not an error of the one request.
+    """
 
     name: str
     dtype: str
     shape: list[int | None]
+    high: int | None = None
+    max_len: int | None = None
 
     def example(self) -> torch.Tensor:
         shape = [EXAMPLE_DYNAMIC_DIM if d is None else d for d in self.shape]
@@ -170,6 +180,35 @@ def build(spec: ModelSpec) -> nn.Module:
     if spec.format == "export":  # the export fixed the mode; its module refuses .eval()
         return module.requires_grad_(False)
     return module.eval().requires_grad_(False) if isinstance(module, nn.Module) else module
+
+
+@contextlib.contextmanager
+def _embedding_limits(module: nn.Module, spec: ModelSpec, examples: tuple[torch.Tensor, ...]):
+    """Sets ``high`` and ``max_len`` of ``spec``'s integer inputs (TensorSpec) from the forward
+    pass run inside the block: an input whose storage reaches an ``nn.Embedding`` as its index
+    gets that table's row count; the dynamic last dimension of such an input gets the
+    model's position limit (``max_position_embeddings`` or ``n_positions`` of a config)."""
+    storages = {e.untyped_storage().data_ptr(): i for i, e in enumerate(examples) if not e.is_floating_point()}
+    seen: dict[int, int] = {}
+
+    def hook(embedding: nn.Embedding, args) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            i = storages.get(args[0].untyped_storage().data_ptr())
+            if i is not None:
+                seen[i] = min(seen.get(i, embedding.num_embeddings), embedding.num_embeddings)
+
+    handles = [m.register_forward_pre_hook(hook) for m in module.modules() if isinstance(m, nn.Embedding)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+    positions = [getattr(m.config, key) for m in module.modules() if hasattr(m, "config")
+                 for key in ("max_position_embeddings", "n_positions") if isinstance(getattr(m.config, key, None), int)]
+    for i, high in seen.items():
+        spec.inputs[i].high = high
+        if positions and spec.inputs[i].shape and spec.inputs[i].shape[-1] is None:
+            spec.inputs[i].max_len = min(positions)
 
 
 def write_layout(folder: Path, spec: ModelSpec, module: nn.Module, layout: Layout) -> None:
@@ -279,8 +318,10 @@ class Repository:
             spec.path = str(stage)
             spec.digest = file_digest(stage / spec.weights)
             module = build(spec)
+            examples = tuple(i.example() for i in spec.inputs)
             try:
-                layout = trace_layout(module, tuple(i.example() for i in spec.inputs))
+                with _embedding_limits(module, spec, examples):
+                    layout = trace_layout(module, examples)
             except Exception as exc:  # any failure of the forward pass means the inputs do not fit
                 raise ModelLoadError(f"model {spec.name} does not run on its declared inputs: {type(exc).__name__}: {exc}") from exc
             spec.bytes = sum(slot.nbytes for slot in layout.slots)

@@ -69,6 +69,12 @@ def validate(spec_inputs, arrays: list[np.ndarray], model: str) -> None:
                                f"{'x'.join(map(str, a.shape))}")
         if a.dtype.kind == "f" and not all_finite(a):
             raise RequestError(400, "bad_input", f"input {spec.name} of model {model} contains NaN or infinity")
+        if spec.high is not None and a.size and (a.min() < 0 or a.max() >= spec.high):
+            raise RequestError(400, "bad_input", f"input {spec.name} of model {model} holds values outside "
+                               f"0..{spec.high - 1} (the rows of the table it indexes)")
+        if spec.max_len is not None and a.shape[-1] > spec.max_len:
+            raise RequestError(400, "bad_input", f"input {spec.name} of model {model} is {a.shape[-1]} long, over "
+                               f"the model's {spec.max_len} positions")
 
 
 def all_finite(a: np.ndarray) -> bool:
@@ -199,7 +205,8 @@ class Service:
             raise RequestError(413, "too_large", f"inputs of {total} bytes exceed the limit of {self.settings.max_input_bytes} bytes")
         if fds:
             try:
-                shm = protocol.Segment.attach(fds.pop(), shm_name)
+                shm = protocol.Segment.attach(fds.pop(), shm_name,
+                                              self.settings.max_input_bytes + protocol.SEGMENT_SLACK_BYTES)
             except (protocol.ProtocolError, OSError) as exc:
                 raise RequestError(400, "bad_request", f"cannot map shared memory {shm_name!r}: {exc}") from None
             for old in attached.values():  # a client has one segment per connection at a time

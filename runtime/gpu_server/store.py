@@ -18,7 +18,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from runtime.gpu_server import zoo
-from runtime.gpu_server.layout import Layout, bind, named_weights, pack, trace_layout
+from runtime.gpu_server.layout import ALIGNMENT, Layout, bind, named_weights, pack, trace_layout
 from runtime.gpu_server.repository import (EXTRA_WEIGHTS_FILE, LAYOUT_FILE, ModelLoadError, ModelSpec, Repository,
                                            VersionGone, build)
 
@@ -96,7 +96,7 @@ def _load_packed(spec: ModelSpec, pin: bool) -> HostModel | None:
         layout = Layout.from_json(json.loads((folder / LAYOUT_FILE).read_text()))
     except FileNotFoundError as exc:
         raise VersionGone(f"model {spec.name}: version {spec.path} was collected while loading") from exc
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise ModelLoadError(f"model {spec.name}: {folder / LAYOUT_FILE}: {exc}") from exc
     try:
         with torch.device("meta"):
@@ -105,6 +105,9 @@ def _load_packed(spec: ModelSpec, pin: bool) -> HostModel | None:
         return None
     if set(named_weights(template)) != {n for s in layout.slots for n in s.names}:
         return None
+    if layout.total_bytes > 2 * max(spec.bytes, 1) + len(layout.slots) * ALIGNMENT:
+        raise ModelLoadError(f"model {spec.name}: {folder / LAYOUT_FILE} claims {layout.total_bytes} bytes for "
+                             f"{spec.bytes} bytes of weights")
     buffer = torch.empty(layout.total_bytes, dtype=torch.uint8, pin_memory=pin)
     files = [folder / spec.weights] + [p for p in (folder / EXTRA_WEIGHTS_FILE,) if p.is_file()]
     try:
