@@ -131,6 +131,8 @@ class GPUServerClient:
                 break
             except ModelError:
                 raise
+            except protocol.HeaderTooLarge as exc:  # e.g. thousands of tensor descriptions
+                raise ModelError(400, "bad_request", str(exc)) from None
             except TimeoutError:
                 self._drop_socket()
                 raise ModelError(504, "timeout", f"GPU server gave no reply within {self.timeout_s:g} s") from None

@@ -824,3 +824,10 @@ def test_registration_finds_the_id_and_length_limits_of_token_inputs(repo, tmp_p
     validate([ids], [np.zeros((1, 16), np.int64)], "g")
     with pytest.raises(RequestError, match="over the model's 16 positions"):
         validate([ids], [np.zeros((1, 17), np.int64)], "g")
+
+
+def test_a_request_header_over_the_limit_is_a_400_from_the_client(server, client):
+    with pytest.raises(ModelError) as err:
+        client.call({"op": "health", "padding": "x" * (protocol.MAX_HEADER_BYTES + 1)})
+    assert (err.value.status, err.value.code) == (400, "bad_request") and "exceeds the limit" in str(err.value)
+    assert client.health()["healthy"]  # the connection was not touched

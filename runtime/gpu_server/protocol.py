@@ -49,6 +49,10 @@ class ProtocolError(Exception):
     """The peer sent something that is not a valid message."""
 
 
+class HeaderTooLarge(ValueError):
+    """A header to send exceeds :data:`MAX_HEADER_BYTES`: the peer would refuse it."""
+
+
 def check_model_name(name) -> str:
     """``name`` when it can name a model: a non-empty string of valid Unicode, without ``/``
     or NUL, not starting with a dot (the repository's folders ``NAME`` and ``.versions``),
@@ -109,10 +113,17 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None, deadl
 
 def send(sock: socket.socket, header: dict, payload: bytes | memoryview = b"", fds: tuple[int, ...] = ()) -> None:
     """Sends one message (header plus optional raw payload), with the file descriptors
-    ``fds`` (at most :data:`MAX_FDS`) attached to its first bytes."""
+    ``fds`` (at most :data:`MAX_FDS`) attached to its first bytes.
+
+    Raises:
+        HeaderTooLarge: the encoded header exceeds :data:`MAX_HEADER_BYTES` (nothing sent).
+        OSError: the socket failed.
+    """
     if payload:
         header = {**header, "payload": len(payload)}
     data = _encode(header).encode()
+    if len(data) > MAX_HEADER_BYTES:
+        raise HeaderTooLarge(f"a request header of {len(data)} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
     message = _LEN.pack(len(data)) + data
     if fds:
         sent = sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])

@@ -358,7 +358,10 @@ def _reply(sock, reply: dict, data: bytes = b"") -> bool:
     """Sends a reply; False when the caller is gone (it gave up or was killed: the work it
     asked for was done into the void, and nothing else is owed to it)."""
     try:
-        protocol.send(sock, reply, data)
+        try:
+            protocol.send(sock, reply, data)
+        except protocol.HeaderTooLarge as exc:  # a model with thousands of outputs, say
+            protocol.send(sock, {"ok": False, "status": 500, "code": "internal", "error": f"the reply: {exc}"})
         return True
     except OSError:
         return False
