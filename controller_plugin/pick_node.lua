@@ -3,6 +3,9 @@
 -- one's reads and its writes. Runs after bookings.lua (drop_booking).
 --
 -- KEYS[1]   set of node ids (torpor:nodes)
+-- KEYS[2]   optional: the list the message moves from (a node's in-flight list); with it,
+--           ARGV[11] is the raw element removed from there when, and only when, the
+--           message is queued (a re-dispatch: never on two nodes at once, never on none)
 -- ARGV[1]   prefix of a node's keys ("torpor:node:"), followed by the node id
 -- ARGV[2]   now, epoch ms: bookings whose expiry is not after it are dropped first
 -- ARGV[3]   expiry of this activation's booking, epoch ms
@@ -13,8 +16,9 @@
 -- ARGV[8]   pipelined-swap tail (share of exec time after the last byte lands)
 -- ARGV[9]   slots of a device whose hash has no `slots` field (0: unlimited)
 -- ARGV[10]  ms of work per request in a device's published `queue`
--- ARGV[11], [12], [13], then per further model: the model name as a JSON string (as the
---           GPU server writes it in `resident`), its weight bytes, its resident exec ms
+-- ARGV[11], [12], [13], then per further model (from ARGV[12] with KEYS[2]): the model
+--           name as a JSON string (as the GPU server writes it in `resident`), its weight
+--           bytes, its resident exec ms
 --
 -- Returns {node id, device (-1: none proposed), predicted ms, models resident there, booking
 -- member ("" when none)}, or nil when no live node has a device with a free slot.
@@ -43,8 +47,12 @@ local bandwidth = tonumber(ARGV[7])
 local tail = tonumber(ARGV[8])
 local default_slots = tonumber(ARGV[9])
 local queued_ms = tonumber(ARGV[10])
+local moved_from, first_model = nil, 11
+if #KEYS >= 2 then
+  moved_from, first_model = ARGV[11], 12
+end
 local needles, sizes, execs = {}, {}, {}
-for i = 11, #ARGV - 2, 3 do
+for i = first_model, #ARGV - 2, 3 do
   needles[#needles + 1] = ARGV[i]
   sizes[#sizes + 1] = tonumber(ARGV[i + 1])
   execs[#execs + 1] = tonumber(ARGV[i + 2])
@@ -195,4 +203,7 @@ elseif had_gpu then
   message = with_fields('"gpu":null')
 end
 redis.call('LPUSH', node .. ':queue', message)
+if moved_from then
+  redis.call('LREM', KEYS[2], 1, moved_from)
+end
 return {best.id, tostring(best.k), string.format('%.6f', best.ms), tostring(best.hits), member}

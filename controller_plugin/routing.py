@@ -98,11 +98,13 @@ class NodePicker:
         self._registered: OrderedDict[str, tuple[int | None, float]] = OrderedDict()
         self._registered_lock = threading.Lock()
 
-    def dispatch(self, message: dict) -> str | None:
+    def dispatch(self, message: dict, moved_from: tuple[str, bytes | str] | None = None) -> str | None:
         """Picks a node for ``message`` and LPUSHes it onto ``torpor:node:{id}:queue``.
 
         Args:
             message: the activation message (``docs/architecture.md``).
+            moved_from: (list key, raw element): a re-dispatch; the element is removed from
+                that list in the same script, only when the message was queued.
 
         Returns:
             The node id, or None when no live node has a device with a free slot (nothing
@@ -111,10 +113,11 @@ class NodePicker:
         Raises:
             redis.RedisError: Redis failed; the message may or may not have been queued.
         """
-        chosen = self.pick(message)
+        chosen = self.pick(message, moved_from=moved_from)
         return chosen.node if chosen is not None else None
 
-    def pick(self, message: dict, now: int | None = None) -> Pick | None:
+    def pick(self, message: dict, now: int | None = None,
+             moved_from: tuple[str, bytes | str] | None = None) -> Pick | None:
         """Like :meth:`dispatch`, with the whole decision as the answer.
 
         The message is queued with ``gpu`` (the proposed device) and ``booking`` set, and
@@ -142,10 +145,14 @@ class NodePicker:
                 f"{message.get('activationId')}:{message.get('attempt', 1)}", repr(float(links.pcie_bytes_per_s)),
                 repr(float(self.predictor.pipeline_tail)), int(self.default_slots),
                 repr(float(self.predictor.default_exec_ms))]
+        keys = [state.NODES_KEY]
+        if moved_from is not None:
+            keys.append(moved_from[0])
+            args.append(moved_from[1])
         for name in message.get("models") or []:
             nbytes, exec_ms = self.model_inputs(name)
             args += [json.dumps(name), nbytes, repr(float(exec_ms))]
-        answer = self._pick(keys=[state.NODES_KEY], args=args)
+        answer = self._pick(keys=keys, args=args)
         if answer is None:
             return None
         node, device, predicted, resident, booking = (_text(v) for v in answer)

@@ -349,3 +349,17 @@ def test_the_registry_size_cache_is_bounded(r, monkeypatch):
         picker.model_inputs(f"unknown{i}")
     assert len(picker._registered) == 3 and "kept" not in picker._registered
     assert picker.model_inputs("kept")[0] == 77  # looked up again
+
+
+def test_a_redispatch_moves_the_message_off_its_list_in_the_same_step(r, predictor):
+    picker = NodePicker(r, predictor)
+    inflight = state.inflight_key("old")
+    raw = json.dumps(message(["m"]))
+    r.lpush(inflight, raw)
+    assert picker.dispatch(json.loads(raw), moved_from=(inflight, raw)) is None  # no live node: it stays
+    assert r.lrange(inflight, 0, -1) == [raw]
+    add_node(r, "new", [["m"]])
+    assert picker.dispatch(json.loads(raw), moved_from=(inflight, raw)) == "new"
+    assert r.llen(inflight) == 0 and r.llen(state.queue_key("new")) == 1
+    moved = json.loads(r.lindex(state.queue_key("new"), 0))
+    assert moved["gpu"] == 0 and moved["models"] == ["m"]  # models still scored after the extra argument

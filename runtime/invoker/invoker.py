@@ -406,7 +406,7 @@ class Invoker:
             return True
         return self._gpu_outages != outages_before
 
-    def _after_gpu_loss(self, msg: dict, outcome: Outcome) -> Outcome:
+    def _after_gpu_loss(self, msg: dict, outcome: Outcome, raw: bytes | None) -> Outcome:
         """An activation that failed because the GPU server went away: dispatched once more
         (to a node that is alive, which this one is not while its GPU server is down), else
         ended as a whisk internal error saying so.
@@ -416,7 +416,8 @@ class Invoker:
         """
         attempt = int(msg.get("attempt") or 1)
         if attempt < 2:
-            node = self._picker.dispatch({**msg, "attempt": attempt + 1})
+            node = self._picker.dispatch({**msg, "attempt": attempt + 1},
+                                         moved_from=(self.inflight_key, raw) if raw is not None else None)
             if node is not None:
                 log.warning("activation %s failed as the GPU server went away: retried on node %s",
                             msg["activationId"], node)
@@ -518,12 +519,11 @@ class Invoker:
             self.redis.lrem(self.inflight_key, 1, raw)
             return True
         try:
-            record = self.run_activation(msg)
+            record = self.run_activation(msg, raw)
         except _Requeue as requeue:
             self._requeue(raw, requeue.message)
             return False
-        except _Redispatched:
-            self.redis.lrem(self.inflight_key, 1, raw)
+        except _Redispatched:  # already off this node's in-flight list (NodePicker.dispatch)
             return True
         self._store(raw, record, msg)
         return True
@@ -559,8 +559,9 @@ class Invoker:
             pipe.execute()
         log.info("re-queued activation %s (attempt %s)", msg["activationId"], msg.get("attempt"))
 
-    def run_activation(self, msg: dict) -> dict:
+    def run_activation(self, msg: dict, raw: bytes | None = None) -> dict:
         """Runs one activation message (``docs/architecture.md``) and returns its final record.
+        ``raw``: the message as taken from the in-flight list, where a re-dispatch removes it.
 
         Raises:
             _Requeue: the message must go back onto the queue (runtime shutting down, or the
@@ -573,7 +574,7 @@ class Invoker:
         prefetches = self._prefetch(msg.get("models") or [], msg.get("gpu"))
         action, outcome = self._execute(msg)
         if outcome.status_code != SUCCESS and msg.get("models") and self.gpu_socket and self._gpu_lost(outages):
-            outcome = self._after_gpu_loss(msg, outcome)
+            outcome = self._after_gpu_loss(msg, outcome, raw)
         record = self._record(msg, action, start, outcome)
         self._log_activation(msg, record, prefetches)
         return record
