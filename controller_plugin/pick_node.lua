@@ -3,9 +3,11 @@
 -- one's reads and its writes. Runs after bookings.lua (drop_booking).
 --
 -- KEYS[1]   set of node ids (torpor:nodes)
--- KEYS[2]   optional: the list the message moves from (a node's in-flight list); with it,
---           ARGV[11] is the raw element removed from there when, and only when, the
---           message is queued (a re-dispatch: never on two nodes at once, never on none)
+-- KEYS[2]   optional: the list the message moves from (a node's queue or in-flight list);
+--           with it, ARGV[11] is the raw element removed from there when, and only when, the
+--           message is queued (a re-dispatch: never on two nodes at once, never on none);
+--           when the element is no longer there (another dispatcher moved it), nothing is
+--           written and nil returned
 -- ARGV[1]   prefix of a node's keys ("torpor:node:"), followed by the node id
 -- ARGV[2]   now, epoch ms: bookings whose expiry is not after it are dropped first
 -- ARGV[3]   expiry of this activation's booking, epoch ms
@@ -178,6 +180,9 @@ end
 if best == nil then
   return nil
 end
+if moved_from and redis.call('LREM', KEYS[2], 1, moved_from) == 0 then
+  return nil
+end
 
 local function with_fields(fields)
   if body == '{}' then
@@ -203,7 +208,4 @@ elseif had_gpu then
   message = with_fields('"gpu":null')
 end
 redis.call('LPUSH', node .. ':queue', message)
-if moved_from then
-  redis.call('LREM', KEYS[2], 1, moved_from)
-end
 return {best.id, tostring(best.k), string.format('%.6f', best.ms), tostring(best.hits), member}

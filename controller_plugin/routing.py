@@ -271,18 +271,20 @@ def requeue_from_dead_nodes(r: redis.Redis, picker: NodePicker, *, now_ms: int, 
     """
     moved = 0
     for node_id in state.dead_nodes(r, now_ms=now_ms, dead_after_ms=dead_after_ms):
-        while (orphan := state.pop_orphan(r, node_id)) is not None:
+        while (orphan := state.peek_orphan(r, node_id)) is not None:
             source, raw = orphan
             try:
                 message = json.loads(raw)
                 activation_id = message["activationId"]
             except (ValueError, KeyError, TypeError):
                 log.error("dropped a malformed message from dead node %s", node_id)
+                r.lrem(source, 1, raw)
                 continue
             # its slot on the dead node's device is free whatever happens to it now
             picker.release(node_id, message)
             record = state.get_activation(r, activation_id)
             if record is None or state.is_final(record):
+                r.lrem(source, 1, raw)
                 continue
             attempt = int(message.get("attempt", 1))
             if attempt >= max_attempts or now_ms > int(message.get("deadline", now_ms)):
@@ -290,11 +292,15 @@ def requeue_from_dead_nodes(r: redis.Redis, picker: NodePicker, *, now_ms: int, 
                           f"attempt{'s' if attempt != 1 else ''}.")
                 state.finish_activation(r, state.final_record(
                     record, state.WHISK_ERROR, {"error": reason}, start_ms=record["start"], end_ms=now_ms))
+                r.lrem(source, 1, raw)
                 continue
             message["attempt"] = attempt + 1
-            if picker.dispatch(message) is None:
-                r.rpush(source, raw)
-                break
+            # queued elsewhere and taken off the dead node's list in one script: a crash of this
+            # controller between the two cannot lose it, nor can two controllers move it twice
+            if picker.dispatch(message, moved_from=(source, raw)) is None:
+                if r.lindex(source, -1) == raw:  # no live node could take it: a later pass tries again
+                    break
+                continue
             moved += 1
             log.info("re-queued activation %s from dead node %s (attempt %d)", activation_id, node_id, attempt + 1)
     return moved

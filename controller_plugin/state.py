@@ -444,14 +444,15 @@ def dead_nodes(r: redis.Redis, *, now_ms: int, dead_after_ms: int) -> list[str]:
     return dead
 
 
-def pop_orphan(r: redis.Redis, node_id: str) -> tuple[str, str] | None:
-    """Takes the oldest message off a node's in-flight list, else off its queue.
+def peek_orphan(r: redis.Redis, node_id: str) -> tuple[str, str] | None:
+    """The oldest message of a node's in-flight list, else of its queue, left in place (a
+    re-dispatch moves it atomically: NodePicker.dispatch with ``moved_from``).
 
     Returns:
-        (the list key it came from, the raw message), or None when both are empty.
+        (the list key it is in, the raw message), or None when both are empty.
     """
     for key in (inflight_key(node_id), queue_key(node_id)):
-        raw = r.rpop(key)
+        raw = r.lindex(key, -1)
         if raw is not None:
             return key, raw
     return None

@@ -363,3 +363,36 @@ def test_a_redispatch_moves_the_message_off_its_list_in_the_same_step(r, predict
     assert r.llen(inflight) == 0 and r.llen(state.queue_key("new")) == 1
     moved = json.loads(r.lindex(state.queue_key("new"), 0))
     assert moved["gpu"] == 0 and moved["models"] == ["m"]  # models still scored after the extra argument
+
+
+def test_a_message_already_moved_is_not_queued_again(r, predictor):
+    picker = NodePicker(r, predictor)
+    add_node(r, "new", [["m"]])
+    raw = json.dumps(message(["m"]))
+    assert picker.dispatch(json.loads(raw), moved_from=(state.inflight_key("gone"), raw)) is None
+    assert r.llen(state.queue_key("new")) == 0 and bookings(r, "new") == []
+
+
+def test_concurrent_dead_node_passes_move_each_message_once(r, predictor):
+    add_node(r, "live", [["m"]])
+    r.sadd(state.NODES_KEY, "dead")
+    r.hset(state.node_key("dead"), "last_seen", 0)
+    action = {"namespace": "guest", "name": "a", "version": "0.0.1", "annotations": [], "exec": {"kind": "python:3"},
+              "limits": {"timeout": 60000}}
+    ids = []
+    for _ in range(40):
+        msg = message(["m"])
+        ids.append(msg["activationId"])
+        state.put_pending(r, state.pending_record(msg["activationId"], action, "guest", msg["submitted"]))
+        r.lpush(state.inflight_key("dead"), json.dumps(msg))
+    pickers = [NodePicker(r, predictor) for _ in range(4)]
+    moved = []
+    threads = [threading.Thread(target=lambda p=p: moved.append(requeue_from_dead_nodes(
+        r, p, now_ms=int(time.time() * 1000), dead_after_ms=1000, max_attempts=3))) for p in pickers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queued = [json.loads(m)["activationId"] for m in r.lrange(state.queue_key("live"), 0, -1)]
+    assert sum(moved) == 40 and sorted(queued) == sorted(ids)
+    assert r.llen(state.inflight_key("dead")) == 0
