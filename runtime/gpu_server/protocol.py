@@ -20,6 +20,7 @@ import json
 import math
 import mmap
 import os
+import select
 import socket
 import struct
 import time
@@ -75,38 +76,66 @@ def check_model_name(name) -> str:
     return name
 
 
-def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None, deadline: float | None = None,
+class _FrameClock:
+    """The deadline of one frame: armed by its first byte, ``timeout_s`` later.
+
+    Reads after the first byte do not block (``MSG_DONTWAIT``) and wait for more bytes only
+    through :meth:`wait`, so a frame that is already whole in the socket buffer — the usual
+    case — costs no timeout bookkeeping at all.
+    """
+
+    def __init__(self, timeout_s: float):
+        self.timeout_s = timeout_s
+        self.deadline: float | None = None
+
+    def wait(self, sock: socket.socket) -> None:
+        """Blocks until ``sock`` is readable.
+
+        Raises:
+            TimeoutError: the frame's deadline passed first.
+        """
+        remaining = self.deadline - time.monotonic()
+        poller = select.poll()  # not select(): a busy server's descriptors exceed FD_SETSIZE
+        poller.register(sock, select.POLLIN)
+        if remaining <= 0 or not poller.poll(remaining * 1000):
+            raise TimeoutError(f"the rest of the frame did not come within {self.timeout_s:g} s")
+
+
+def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None, clock: _FrameClock | None = None,
                 view: memoryview | None = None) -> bytearray:
     """``n`` bytes from ``sock`` (into ``view`` when given); with ``fds`` the descriptors
     that came with them are appended to it (without, the kernel discards any: a peer cannot
-    leak them into us); with ``deadline`` (``time.monotonic()``) all of them by then.
+    leak them into us); with ``clock``, all of them by the frame's deadline once its first
+    byte came.
 
     Raises:
         ConnectionError: the peer closed the connection.
-        TimeoutError: the deadline passed.
+        TimeoutError: the frame's deadline passed.
     """
     buf = bytearray(n) if view is None else None
     view = memoryview(buf) if view is None else view
     got = 0
     while got < n:
-        if deadline is not None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("the rest of the frame did not come in time")
-            sock.settimeout(remaining)
-        if fds is None:
-            k = sock.recv_into(view[got:], n - got)
-        else:
-            k, ancillary, flags, _ = sock.recvmsg_into([view[got:]], _FD_SPACE)
-            for level, kind, data in ancillary:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
-            # the control buffer is rounded up to 8 bytes, so one more descriptor than
-            # MAX_FDS can fit without truncation
-            if flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
-                raise ProtocolError(f"a message may carry at most {MAX_FDS} file descriptor(s)")
+        flags = socket.MSG_DONTWAIT if clock is not None and clock.deadline is not None else 0
+        try:
+            if fds is None:
+                k = sock.recv_into(view[got:], n - got, flags)
+            else:
+                k, ancillary, msg_flags, _ = sock.recvmsg_into([view[got:]], _FD_SPACE, flags)
+                for level, kind, data in ancillary:
+                    if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                        fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
+                # the control buffer is rounded up to 8 bytes, so one more descriptor than
+                # MAX_FDS can fit without truncation
+                if msg_flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
+                    raise ProtocolError(f"a message may carry at most {MAX_FDS} file descriptor(s)")
+        except BlockingIOError:
+            clock.wait(sock)
+            continue
         if k == 0:
             raise ConnectionError("peer closed the connection")
+        if clock is not None and clock.deadline is None:
+            clock.deadline = time.monotonic() + clock.timeout_s
         got += k
     return buf if buf is not None else bytearray(view)
 
@@ -141,7 +170,8 @@ def recv(sock: socket.socket, max_payload: int, fds: list[int] | None = None,
     (the caller owns and closes them, also when this raises). With ``frame_timeout_s``, the
     whole rest of a message must arrive within that many seconds of its first byte (a peer
     that sends half a frame, or a byte now and then, cannot hold the reader forever); the
-    wait for the first byte keeps the socket's own timeout.
+    wait for the first byte keeps the socket's own timeout. The socket must then be in
+    blocking mode (no timeout of its own), as a server's connections are.
 
     Raises:
         ConnectionError: the peer closed the connection.
@@ -149,26 +179,17 @@ def recv(sock: socket.socket, max_payload: int, fds: list[int] | None = None,
         ProtocolError: oversized or malformed header, a payload over ``max_payload`` bytes,
             or more than :data:`MAX_FDS` descriptors.
     """
-    if frame_timeout_s is None:
-        return _recv_rest(sock, _recv_exact(sock, _LEN.size, fds), max_payload, fds, None)
-    prefix = bytearray(_LEN.size)
-    _recv_exact(sock, 1, fds, view=memoryview(prefix)[:1])  # the wait for a frame: the socket's own timeout
-    deadline = time.monotonic() + frame_timeout_s
-    previous = sock.gettimeout()
-    try:
-        _recv_exact(sock, _LEN.size - 1, fds, deadline, view=memoryview(prefix)[1:])
-        return _recv_rest(sock, prefix, max_payload, fds, deadline)
-    finally:
-        sock.settimeout(previous)
+    clock = _FrameClock(frame_timeout_s) if frame_timeout_s is not None else None
+    return _recv_rest(sock, _recv_exact(sock, _LEN.size, fds, clock), max_payload, fds, clock)
 
 
 def _recv_rest(sock: socket.socket, prefix: bytearray, max_payload: int, fds: list[int] | None,
-               deadline: float | None) -> tuple[dict, bytes]:
+               clock: _FrameClock | None) -> tuple[dict, bytes]:
     (n,) = _LEN.unpack(prefix)
     if n > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {n} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
     try:
-        header = json.loads(_recv_exact(sock, n, fds, deadline).decode("utf-8"))
+        header = json.loads(_recv_exact(sock, n, fds, clock).decode("utf-8"))
     except ValueError as exc:  # not UTF-8, not JSON, an integer of more digits than Python converts
         raise ProtocolError(f"header is not valid JSON (UTF-8): {exc}") from None
     except RecursionError:
@@ -184,7 +205,7 @@ def _recv_rest(sock: socket.socket, prefix: bytearray, max_payload: int, fds: li
         return header, b""
     chunks = []  # memory grows as bytes arrive, not by the size a header claims
     for start in range(0, size, PAYLOAD_CHUNK):
-        chunks.append(_recv_exact(sock, min(PAYLOAD_CHUNK, size - start), None, deadline))
+        chunks.append(_recv_exact(sock, min(PAYLOAD_CHUNK, size - start), None, clock))
     return header, b"".join(chunks)
 
 
