@@ -7,7 +7,7 @@
 --           with it, ARGV[11] is the raw element removed from there when, and only when, the
 --           message is queued (a re-dispatch: never on two nodes at once, never on none);
 --           when the element is no longer there (another dispatcher moved it), nothing is
---           written and nil returned
+--           queued or booked and 0 is returned (expired bookings may have been swept)
 -- ARGV[1]   prefix of a node's keys ("torpor:node:"), followed by the node id
 -- ARGV[2]   now, epoch ms: bookings whose expiry is not after it are dropped first
 -- ARGV[3]   expiry of this activation's booking, epoch ms
@@ -23,7 +23,8 @@
 --           bytes, its resident exec ms
 --
 -- Returns {node id, device (-1: none proposed), predicted ms, models resident there, booking
--- member ("" when none)}, or nil when no live node has a device with a free slot.
+-- member ("" when none)}, nil when no live node has a device with a free slot, or 0 (with
+-- KEYS[2]) when the message was moved already.
 --
 -- Candidates are the devices <node>:device:<k> (k = 0, 1, ... while the hash has `healthy`)
 -- of nodes holding <node>:alive, healthy and with a free slot (booked < slots). Each
@@ -181,7 +182,7 @@ if best == nil then
   return nil
 end
 if moved_from and redis.call('LREM', KEYS[2], 1, moved_from) == 0 then
-  return nil
+  return 0
 end
 
 local function with_fields(fields)

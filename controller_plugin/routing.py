@@ -43,6 +43,10 @@ def epoch_ms() -> int:
     return int(time.time() * 1000)
 
 
+class AlreadyMoved(Exception):
+    """A re-dispatched message was no longer where it was to be moved from."""
+
+
 @dataclass(frozen=True)
 class Pick:
     """Where one activation was queued.
@@ -106,6 +110,10 @@ class NodePicker:
             moved_from: (list key, raw element): a re-dispatch; the element is removed from
                 that list in the same script, only when the message was queued.
 
+        Raises:
+            AlreadyMoved: with ``moved_from``, the element was gone from its list (another
+                dispatcher moved the message); nothing was queued.
+
         Returns:
             The node id, or None when no live node has a device with a free slot (nothing
             was queued).
@@ -118,7 +126,8 @@ class NodePicker:
 
     def pick(self, message: dict, now: int | None = None,
              moved_from: tuple[str, bytes | str] | None = None) -> Pick | None:
-        """Like :meth:`dispatch`, with the whole decision as the answer.
+        """Like :meth:`dispatch` (``moved_from`` likewise), with the whole decision as the
+        answer.
 
         The message is queued with ``gpu`` (the proposed device) and ``booking`` set, and
         the device's slot is booked until :meth:`release` or the booking's expiry: the
@@ -155,6 +164,8 @@ class NodePicker:
         answer = self._pick(keys=keys, args=args)
         if answer is None:
             return None
+        if answer == 0:
+            raise AlreadyMoved(f"activation {message.get('activationId')} is no longer in {moved_from[0]}")
         node, device, predicted, resident, booking = (_text(v) for v in answer)
         return Pick(node, int(device) if int(device) >= 0 else None, float(predicted), int(resident), booking or None)
 
@@ -256,9 +267,10 @@ def requeue_from_dead_nodes(r: redis.Redis, picker: NodePicker, *, now_ms: int, 
 
     A message whose activation is already final is dropped. One that has been dispatched
     ``max_attempts`` times, or whose ``deadline`` (epoch ms) has passed, is finished as a
-    whisk internal error. Others are dispatched again with ``attempt`` + 1; when no node
-    takes them they are put back where they were, for a later pass. Each message's booking
-    on the dead node is released.
+    whisk internal error. Others are dispatched again with ``attempt`` + 1, moved off the
+    dead node's list in the same script; when no node takes them they stay where they are,
+    for a later pass. Each message's booking on the dead node is released. Several
+    controllers may run this at once: each message is moved or finished by one of them.
 
     Args:
         now_ms: the current time, epoch ms.
@@ -276,7 +288,9 @@ def requeue_from_dead_nodes(r: redis.Redis, picker: NodePicker, *, now_ms: int, 
             try:
                 message = json.loads(raw)
                 activation_id = message["activationId"]
-            except (ValueError, KeyError, TypeError):
+                attempt = int(message.get("attempt", 1))
+                deadline = int(message.get("deadline", now_ms))
+            except (ValueError, KeyError, TypeError, AttributeError):
                 log.error("dropped a malformed message from dead node %s", node_id)
                 r.lrem(source, 1, raw)
                 continue
@@ -286,20 +300,21 @@ def requeue_from_dead_nodes(r: redis.Redis, picker: NodePicker, *, now_ms: int, 
             if record is None or state.is_final(record):
                 r.lrem(source, 1, raw)
                 continue
-            attempt = int(message.get("attempt", 1))
-            if attempt >= max_attempts or now_ms > int(message.get("deadline", now_ms)):
+            if attempt >= max_attempts or now_ms > deadline:
+                if not r.lrem(source, 1, raw):  # another controller's pass has it
+                    continue
                 reason = (f"The activation was lost with invoker node {node_id} after {attempt} "
                           f"attempt{'s' if attempt != 1 else ''}.")
                 state.finish_activation(r, state.final_record(
                     record, state.WHISK_ERROR, {"error": reason}, start_ms=record["start"], end_ms=now_ms))
-                r.lrem(source, 1, raw)
                 continue
             message["attempt"] = attempt + 1
             # queued elsewhere and taken off the dead node's list in one script: a crash of this
             # controller between the two cannot lose it, nor can two controllers move it twice
-            if picker.dispatch(message, moved_from=(source, raw)) is None:
-                if r.lindex(source, -1) == raw:  # no live node could take it: a later pass tries again
-                    break
+            try:
+                if picker.dispatch(message, moved_from=(source, raw)) is None:
+                    break  # no live node can take it: left where it is for a later pass
+            except AlreadyMoved:
                 continue
             moved += 1
             log.info("re-queued activation %s from dead node %s (attempt %d)", activation_id, node_id, attempt + 1)

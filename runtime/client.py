@@ -95,12 +95,9 @@ class GPUServerClient:
 
     def segment(self, nbytes: int) -> protocol.Segment:
         """This thread's shared-memory segment of at least ``nbytes`` bytes (at least
-        ``DEFAULT_SHM_BYTES``): a new one when the current one is smaller, or more than twice
-        that large."""
+        ``DEFAULT_SHM_BYTES``), replaced by a new one when smaller."""
         segment = getattr(self._local, "segment", None)
-        # replaced when too small, and when far larger than needed (after one huge call),
-        # since the server refuses segments much larger than its input limit
-        if segment is None or segment.size < nbytes or segment.size > 2 * max(nbytes, DEFAULT_SHM_BYTES):
+        if segment is None or segment.size < nbytes:
             if segment is not None:
                 segment.close()
             segment = self._local.segment = protocol.Segment.create(max(nbytes, DEFAULT_SHM_BYTES))

@@ -14,7 +14,7 @@ import redis
 
 from controller_plugin import state
 from controller_plugin.predictor import Predictor
-from controller_plugin.routing import MODELS_KEY, NodePicker, requeue_from_dead_nodes
+from controller_plugin.routing import MODELS_KEY, AlreadyMoved, NodePicker, requeue_from_dead_nodes
 from runtime.gpu_server.placement import DeviceState, ResidentModel
 from runtime.invoker.config import InvokerSettings
 from runtime.invoker.invoker import Invoker
@@ -369,7 +369,8 @@ def test_a_message_already_moved_is_not_queued_again(r, predictor):
     picker = NodePicker(r, predictor)
     add_node(r, "new", [["m"]])
     raw = json.dumps(message(["m"]))
-    assert picker.dispatch(json.loads(raw), moved_from=(state.inflight_key("gone"), raw)) is None
+    with pytest.raises(AlreadyMoved):
+        picker.dispatch(json.loads(raw), moved_from=(state.inflight_key("gone"), raw))
     assert r.llen(state.queue_key("new")) == 0 and bookings(r, "new") == []
 
 
@@ -396,3 +397,21 @@ def test_concurrent_dead_node_passes_move_each_message_once(r, predictor):
     queued = [json.loads(m)["activationId"] for m in r.lrange(state.queue_key("live"), 0, -1)]
     assert sum(moved) == 40 and sorted(queued) == sorted(ids)
     assert r.llen(state.inflight_key("dead")) == 0
+
+
+def test_a_malformed_or_already_moved_orphan_does_not_stall_the_dead_node_pass(r, predictor):
+    add_node(r, "live", [["m"]])
+    r.sadd(state.NODES_KEY, "dead")
+    r.hset(state.node_key("dead"), "last_seen", 0)
+    good = message(["m"])
+    action = {"namespace": "guest", "name": "a", "version": "0.0.1", "annotations": [], "exec": {"kind": "python:3"},
+              "limits": {"timeout": 60000}}
+    state.put_pending(r, state.pending_record(good["activationId"], action, "guest", good["submitted"]))
+    r.lpush(state.inflight_key("dead"), json.dumps(good))
+    r.rpush(state.inflight_key("dead"), json.dumps(message(["m"], deadline="soon")))  # the oldest: taken first
+    picker = NodePicker(r, predictor)
+    assert requeue_from_dead_nodes(r, picker, now_ms=int(time.time() * 1000), dead_after_ms=1000, max_attempts=3) == 1
+    assert r.llen(state.inflight_key("dead")) == 0
+    assert json.loads(r.lindex(state.queue_key("live"), 0))["activationId"] == good["activationId"]
+    with pytest.raises(AlreadyMoved):
+        picker.dispatch(good, moved_from=(state.inflight_key("dead"), json.dumps(good)))

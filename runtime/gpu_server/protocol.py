@@ -32,8 +32,8 @@ MAX_HEADER_BYTES = 1 << 20
 MAX_MODEL_NAME_BYTES = 200  # bytes of UTF-8 (check_model_name)
 MAX_FDS = 1  # file descriptors one message may carry
 PAYLOAD_CHUNK = 1 << 20  # bytes read at a time
-# a segment may exceed the input limit by this much (runtime.client makes segments of at
-# least 16 MiB, 4 MiB beyond the inputs, so that outputs fit after them)
+# the part of a segment the server maps: the input limit plus this much (runtime.client makes
+# segments of at least 16 MiB, 4 MiB beyond the inputs, so that outputs fit after them)
 SEGMENT_SLACK_BYTES = 16 << 20
 _FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 TENSOR_ALIGNMENT = 64  # bytes between tensors in shared memory
@@ -52,6 +52,9 @@ class ProtocolError(Exception):
 
 class HeaderTooLarge(ValueError):
     """A header to send exceeds :data:`MAX_HEADER_BYTES`: the peer would refuse it."""
+
+
+ERROR_ECHO_CHARS = 400  # of an error message, when the whole would not fit a header
 
 
 def check_model_name(name) -> str:
@@ -152,7 +155,7 @@ def send(sock: socket.socket, header: dict, payload: bytes | memoryview = b"", f
         header = {**header, "payload": len(payload)}
     data = _encode(header).encode()
     if len(data) > MAX_HEADER_BYTES:
-        raise HeaderTooLarge(f"a request header of {len(data)} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
+        raise HeaderTooLarge(f"a header of {len(data)} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
     message = _LEN.pack(len(data)) + data
     if fds:
         sent = sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))])
@@ -243,14 +246,14 @@ class Segment:
 
     @classmethod
     def attach(cls, fd: int, segment_id: str, max_bytes: int) -> "Segment":
-        """Maps a peer's segment from its descriptor (taking ownership of ``fd``, which is
-        closed once mapped). Its size is fixed from then on: a segment the peer grows later
-        must be sent again.
+        """Maps at most the first ``max_bytes`` of a peer's segment from its descriptor
+        (taking ownership of ``fd``, which is closed once mapped): a sparse memfd of
+        terabytes costs its sender nothing and would exhaust this process's address space;
+        tensors described past the mapped part are outside the segment. Its size is fixed
+        from then on: a segment the peer grows later must be sent again.
 
         Raises:
-            ProtocolError: ``fd`` is not a memfd sealed against shrinking, or it is larger
-                than ``max_bytes`` (a sparse memfd of terabytes costs its sender nothing and
-                would exhaust this process's address space).
+            ProtocolError: ``fd`` is not a memfd sealed against shrinking.
         """
         try:
             try:
@@ -260,11 +263,7 @@ class Segment:
                                     "(create it with memfd_create(MFD_ALLOW_SEALING))") from None
             if not seals & fcntl.F_SEAL_SHRINK:
                 raise ProtocolError("the shared-memory segment sent is not sealed against shrinking (F_SEAL_SHRINK)")
-            size = os.fstat(fd).st_size
-            if size > max_bytes:
-                raise ProtocolError(f"the shared-memory segment sent is {size} bytes, over the limit of "
-                                    f"{max_bytes} bytes")
-            segment = cls(fd, size, segment_id)
+            segment = cls(fd, min(os.fstat(fd).st_size, max_bytes), segment_id)
         finally:
             os.close(fd)
         segment.fd = -1

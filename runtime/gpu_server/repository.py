@@ -57,6 +57,7 @@ from typing import Any
 import click
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from runtime.gpu_server import zoo
 from runtime.gpu_server.protocol import check_model_name
@@ -182,30 +183,39 @@ def build(spec: ModelSpec) -> nn.Module:
     return module.eval().requires_grad_(False) if isinstance(module, nn.Module) else module
 
 
+class _EmbeddingLookups(TorchDispatchMode):
+    """Records, for each example input whose storage is the index of an embedding lookup
+    (``aten.embedding``: ``nn.Embedding``, ``F.embedding``, an exported program's graph),
+    the fewest rows of any table it indexes."""
+
+    def __init__(self, storages: dict[int, int]):
+        super().__init__()
+        self.storages = storages
+        self.rows: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.embedding.default and len(args) >= 2:
+            weight, indices = args[0], args[1]
+            i = self.storages.get(indices.untyped_storage().data_ptr())
+            if i is not None:
+                self.rows[i] = min(self.rows.get(i, weight.shape[0]), weight.shape[0])
+        return func(*args, **(kwargs or {}))
+
+
 @contextlib.contextmanager
 def _embedding_limits(module: nn.Module, spec: ModelSpec, examples: tuple[torch.Tensor, ...]):
     """Sets ``high`` and ``max_len`` of ``spec``'s integer inputs (TensorSpec) from the forward
-    pass run inside the block: an input whose storage reaches an ``nn.Embedding`` as its index
+    pass run inside the block: an input whose storage is the index of an embedding lookup
     gets that table's row count; the dynamic last dimension of such an input gets the
-    model's position limit (``max_position_embeddings`` or ``n_positions`` of a config)."""
+    model's position limit (``max_position_embeddings`` or ``n_positions`` of a config; this
+    assumes positions 0..T-1, as BERT and GPT-2 number them, not RoBERTa's offset ones)."""
     storages = {e.untyped_storage().data_ptr(): i for i, e in enumerate(examples) if not e.is_floating_point()}
-    seen: dict[int, int] = {}
-
-    def hook(embedding: nn.Embedding, args) -> None:
-        if args and isinstance(args[0], torch.Tensor):
-            i = storages.get(args[0].untyped_storage().data_ptr())
-            if i is not None:
-                seen[i] = min(seen.get(i, embedding.num_embeddings), embedding.num_embeddings)
-
-    handles = [m.register_forward_pre_hook(hook) for m in module.modules() if isinstance(m, nn.Embedding)]
-    try:
+    lookups = _EmbeddingLookups(storages)
+    with lookups:
         yield
-    finally:
-        for h in handles:
-            h.remove()
     positions = [getattr(m.config, key) for m in module.modules() if hasattr(m, "config")
                  for key in ("max_position_embeddings", "n_positions") if isinstance(getattr(m.config, key, None), int)]
-    for i, high in seen.items():
+    for i, high in lookups.rows.items():
         spec.inputs[i].high = high
         if positions and spec.inputs[i].shape and spec.inputs[i].shape[-1] is None:
             spec.inputs[i].max_len = min(positions)

@@ -360,8 +360,12 @@ def _reply(sock, reply: dict, data: bytes = b"") -> bool:
     try:
         try:
             protocol.send(sock, reply, data)
-        except protocol.HeaderTooLarge as exc:  # a model with thousands of outputs, say
-            protocol.send(sock, {"ok": False, "status": 500, "code": "internal", "error": f"the reply: {exc}"})
+        except protocol.HeaderTooLarge as exc:
+            if reply.get("ok"):  # a model with thousands of outputs, say
+                reply = {"ok": False, "status": 500, "code": "internal", "error": f"the reply: {exc}"}
+            else:  # an error that echoes a long piece of the request: its status stands
+                reply = {**reply, "error": reply["error"][:protocol.ERROR_ECHO_CHARS] + " ... (cut)"}
+            protocol.send(sock, reply)
         return True
     except OSError:
         return False

@@ -25,7 +25,7 @@ import requests
 
 from controller_plugin import attainment, state
 from controller_plugin.api import models_of
-from controller_plugin.routing import build_picker, check_picker_settings
+from controller_plugin.routing import AlreadyMoved, build_picker, check_picker_settings
 from controller_plugin.state import APPLICATION_ERROR, DEVELOPER_ERROR, SUCCESS, WHISK_ERROR
 from runtime.gpu_server import tokens
 from runtime.invoker.config import InvokerSettings
@@ -416,8 +416,11 @@ class Invoker:
         """
         attempt = int(msg.get("attempt") or 1)
         if attempt < 2:
-            node = self._picker.dispatch({**msg, "attempt": attempt + 1},
-                                         moved_from=(self.inflight_key, raw) if raw is not None else None)
+            try:
+                node = self._picker.dispatch({**msg, "attempt": attempt + 1},
+                                             moved_from=(self.inflight_key, raw) if raw is not None else None)
+            except AlreadyMoved:  # the controller's dead-node pass moved it meanwhile
+                raise _Redispatched() from None
             if node is not None:
                 log.warning("activation %s failed as the GPU server went away: retried on node %s",
                             msg["activationId"], node)
