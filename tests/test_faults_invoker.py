@@ -273,3 +273,23 @@ def test_the_invoker_refuses_bad_picker_settings_at_start(private_redis, env, fr
     from runtime.invoker.invoker import command
     result = CliRunner().invoke(command, ["--redis-url", private_redis.url], env=env)
     assert result.exit_code == 2 and fragment in result.output
+
+
+def test_an_older_revision_runs_in_a_container_of_its_own_and_the_newer_ones_stay():
+    import dataclasses
+    pool = ContainerPool(runtime_command(), runtime_env("", "http://127.0.0.1:1"), max_per_action=2)
+    try:
+        new = dataclasses.replace(spec("rev"), digest="new", updated=2000)
+        old = dataclasses.replace(spec("rev"), digest="old", updated=1000)
+        warm, _ = pool.acquire(new)
+        pool.release(warm)
+        late, init_ms = pool.acquire(old)  # accepted before the update, run after it
+        assert init_ms is not None and late is not warm
+        pool.release(late)
+        assert late.proc.poll() is not None or wait_until(lambda: late.proc.poll() is not None, 10)  # stopped
+        assert warm.alive() and pool.size("guest", "rev") == 1
+        again, init_ms = pool.acquire(new)
+        assert again is warm and init_ms is None  # the newer revision's container was kept
+        pool.release(again)
+    finally:
+        pool.close()

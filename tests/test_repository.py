@@ -216,6 +216,7 @@ def test_model_commands_register_list_and_unregister(tmp_path):
     (["--config", "[1]"], "must be a JSON object"),
     (["--input", "pixel_values:float99:1x3x32x32"], "unknown dtype 'float99'"),
     (["--input", "pixel_values:float32:1x0x32x32"], "dimensions must be positive"),
+    (["--input", "pixel_values:float32:1x99999999999999999999"], "more than 2147483648 elements"),
     (["--name", "m" * 240], "over the limit of 200 bytes"),
     (["--gpu-socket", "/nonexistent/gpu.sock"], "is registered in"),
 ])
@@ -230,6 +231,16 @@ def test_model_register_mistakes_are_clean_errors(tmp_path, args, words):
     result = CliRunner().invoke(command, argv)
     assert result.exit_code in (1, 2) and words in result.output, result.output
     assert isinstance(result.exception, SystemExit)  # a usage or click error, no traceback
+
+
+def test_model_register_refuses_repeated_input_names(tmp_path):
+    tiny = models.TINY["resnet"]
+    weights = models.save(models.build("resnet"), tmp_path / "w.safetensors")
+    result = CliRunner().invoke(command, [
+        "register", "m", "--architecture", tiny.architecture, "--config", json.dumps(tiny.config),
+        "--weights", str(weights), "--input", "x:float32:1x3x32x32", "--input", "x:float32:1x3x32x32",
+        "--model-repo", str(tmp_path / "models")])
+    assert result.exit_code == 2 and "input names repeat" in result.output
 
 
 def test_the_store_serves_a_registration_it_was_not_told_about(repo, monkeypatch, tmp_path):

@@ -46,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import time
@@ -68,6 +69,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
           "int64": torch.int64, "int32": torch.int32, "uint8": torch.uint8, "bool": torch.bool}
 FORMATS = ("safetensors", "state_dict", "export")
 EXAMPLE_DYNAMIC_DIM = 8  # size given to a dynamic dimension in the registration trace
+MAX_EXAMPLE_ELEMENTS = 1 << 31  # elements of one declared input (the registration example)
 LAYOUT_FILE = "layout.json"  # a version's traced first-use layout (safetensors models)
 EXTRA_WEIGHTS_FILE = "extra.safetensors"  # weights its safetensors file lacks (non-persistent buffers)
 VERSIONS = ".versions"
@@ -451,6 +453,9 @@ def parse_input(text: str) -> TensorSpec:
         raise click.BadParameter(f"{text!r}: unknown dtype {dtype!r} (one of {', '.join(DTYPES)})", param_hint="--input")
     if any(d is not None and d < 1 for d in spec.shape):
         raise click.BadParameter(f"{text!r}: dimensions must be positive (or ? for a dynamic one)", param_hint="--input")
+    if math.prod(EXAMPLE_DYNAMIC_DIM if d is None else d for d in spec.shape) > MAX_EXAMPLE_ELEMENTS:
+        raise click.BadParameter(f"{text!r}: more than {MAX_EXAMPLE_ELEMENTS} elements; registration runs the "
+                                 "model once on an input of this shape", param_hint="--input")
     return spec
 
 
@@ -496,6 +501,9 @@ def command() -> None:
 def register_command(name, architecture, config_json, weights, fmt, inputs, **kwargs) -> None:
     """Validate a model and add it to the repository as NAME."""
     settings = from_kwargs(RepositorySettings, kwargs)
+    names = [i.split(":", 1)[0] for i in inputs]
+    if len(set(names)) != len(names):
+        raise click.BadParameter(f"input names repeat: {', '.join(names)}", param_hint="--input")
     spec = ModelSpec(name=name, inputs=[parse_input(i) for i in inputs], format=fmt, architecture=architecture,
                      config=parse_config(config_json),
                      weights=Path(weights).name if fmt != "safetensors" else "model.safetensors")

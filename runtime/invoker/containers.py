@@ -107,6 +107,8 @@ class ActionSpec:
         timeout_ms: the action's time limit, also the ``/init`` time limit (ms).
         concurrency: activations one container may run at once.
         log_limit_bytes: log bytes kept per activation.
+        updated: when this revision of the action was written (epoch ms): of two revisions,
+            the later one's containers are kept and the other's stopped.
     """
 
     namespace: str
@@ -117,6 +119,7 @@ class ActionSpec:
     timeout_ms: int
     concurrency: int = 1
     log_limit_bytes: int = 10 * 1024 * 1024
+    updated: int = 0
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -418,6 +421,7 @@ class ContainerPool:
         self._cond = threading.Condition()
         self._warm: dict[tuple[str, str, str], list[Container]] = {}
         self._starting: dict[tuple[str, str, str], int] = {}
+        self._newest: dict[tuple[str, str], tuple[int, tuple[str, str, str]]] = {}  # action → (updated, key)
         self._all: set[Container] = set()
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap_loop, daemon=True, name="container-reaper")
@@ -438,7 +442,9 @@ class ContainerPool:
         """
         key = spec.key
         with self._cond:
-            stale = self._retire_others(key)
+            # an activation of an older revision (accepted before an update) runs in a
+            # container of its own, stopped after it: it retires nothing of the newer one
+            stale = self._retire_others(key) if self._is_newest(spec) else []
             while True:
                 if self._closed.is_set():
                     raise PoolClosed()
@@ -496,7 +502,10 @@ class ContainerPool:
             closed = self._closed.is_set()
             if not closed:
                 container.active = 1
-                self._warm.setdefault(key, []).append(container)
+                if self._newest.get(key[:2], (0, key))[1] == key:
+                    self._warm.setdefault(key, []).append(container)
+                else:  # a newer revision came while it started: it serves this activation only
+                    container.retired = True
         if closed:
             container.kill()
             raise PoolClosed()
@@ -530,6 +539,14 @@ class ContainerPool:
             if not containers:
                 del self._warm[container.spec.key]
         self._all.discard(container)
+
+    def _is_newest(self, spec: ActionSpec) -> bool:
+        """Whether ``spec`` is the newest revision of its action seen (recording it if so)."""
+        newest = self._newest.get(spec.key[:2])
+        if newest is None or spec.updated >= newest[0]:
+            self._newest[spec.key[:2]] = (spec.updated, spec.key)
+            return True
+        return newest[1] == spec.key
 
     def _retire_others(self, key: tuple[str, str, str]) -> list[Container]:
         """Takes containers of other versions of the same action out of the pool; returns the

@@ -167,6 +167,7 @@ def action_spec(namespace: str, name: str, action: dict, raw: bytes, timeout_ms:
               "env": {"__OW_NAMESPACE": namespace, "__OW_ACTION_NAME": f"/{namespace}/{name}", **env}},
         timeout_ms=int(timeout_ms), concurrency=max(1, int(limits["concurrency"])),
         log_limit_bytes=int(float(limits["logs"]) * 1024 * 1024),
+        updated=int(action.get("updated") or 0),
     )
 
 
