@@ -433,3 +433,22 @@ def test_cli_heartbeat_and_clean_stop(r, redis_url, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_containers_of_an_invoker_killed_with_sigkill_stop_by_themselves(r, redis_url, tmp_path):
+    torpor = Path(sys.executable).parent / "torpor"
+    env = {**os.environ, "TORPOR_REDIS_URL": redis_url, "TORPOR_NODE_ID": NODE,
+           "TORPOR_GPU_SOCKET": str(tmp_path / "gpu.sock")}
+    with open(tmp_path / "invoker.log", "wb") as output:
+        proc = subprocess.Popen([str(torpor), "invoker"], env=env, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        put_action(r, "echo", ECHO)
+        runtime_pid = record_of(r, submit(r, "echo"))["response"]["result"]["pid"]
+        assert not gone(runtime_pid, 0.1)
+        proc.kill()  # no chance to stop its containers
+        proc.wait()
+        assert wait_until(lambda: gone(runtime_pid), 10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

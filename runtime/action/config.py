@@ -26,6 +26,9 @@ class RuntimeSettings:
                                      "largest activation parameters accepted by /run", "bytes")
     max_code_bytes: int = setting(48 * 1024 * 1024, "TORPOR_MAX_CODE_BYTES",
                                   "largest action code (base64 zip included) accepted by /init", "bytes")
+    parent_pid: int = setting(0, "TORPOR_RUNTIME_PARENT_PID",
+                              "stop (with the whole process group) once this process, the invoker that started "
+                              "the runtime, is gone; 0: never")
     worker_timeout: int = setting(600, "TORPOR_RUNTIME_WORKER_TIMEOUT",
                                   "gunicorn kills a worker silent this long; the invoker enforces the "
                                   "action's own timeout, so keep this above the 5 min maximum", "s")

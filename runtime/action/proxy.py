@@ -6,7 +6,11 @@ This process never imports torch nor touches CUDA: user code reaches models thro
 """
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
+import time
 import traceback
 from typing import Any
 
@@ -184,4 +188,18 @@ def command(**kwargs: Any) -> None:
     # user prints must reach the invoker's pipes as they happen, in order with the sentinels
     for stream in (sys.stdout, sys.stderr):
         stream.reconfigure(line_buffering=True, write_through=True)
+    if settings.parent_pid:
+        threading.Thread(target=_exit_with_parent, args=(settings.parent_pid,), daemon=True,
+                         name="parent-watch").start()
     _Server(settings).run()
+
+
+def _exit_with_parent(parent_pid: int, period_s: float = 1.0) -> None:
+    """Kills this runtime's process group (gunicorn's master and worker, the action's own
+    children) once ``parent_pid`` is no longer its parent: an invoker killed with SIGKILL
+    cannot stop its containers, and a restarted one does not know them."""
+    while os.getppid() == parent_pid:
+        time.sleep(period_s)
+    if os.getpgid(0) == os.getpid():  # the invoker starts each runtime in a session of its own
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)

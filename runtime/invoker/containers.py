@@ -84,7 +84,7 @@ def runtime_env(gpu_socket: str, api_host: str, max_payload_bytes: int | None = 
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("TORPOR_", "__OW_")) or k.startswith(_RUNTIME_ENV)}
     env.update({"TORPOR_GPU_SOCKET": gpu_socket, "__OW_API_HOST": api_host, "PYTHONUNBUFFERED": "1",
-                "TORPOR_RUNTIME_HOST": "127.0.0.1"})
+                "TORPOR_RUNTIME_HOST": "127.0.0.1", "TORPOR_RUNTIME_PARENT_PID": str(os.getpid())})
     if max_payload_bytes is not None:
         env["TORPOR_MAX_PAYLOAD_BYTES"] = str(max_payload_bytes)
     return env
