@@ -90,12 +90,19 @@ class Stack:
         proc = subprocess.Popen([torpor, *args], env=self.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.procs.append((name, proc))
 
+    def exited(self) -> tuple[str, int] | None:
+        """(name, exit status) of a process of the stack that is no longer running, or None."""
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                return name, proc.returncode
+        return None
+
     def _wait(self, what: str, ready, timeout_s: float = 120.0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            for name, proc in self.procs:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"{name} exited with {proc.returncode}; see {self.state}/logs/{name}.log")
+            dead = self.exited()
+            if dead is not None:
+                raise RuntimeError(f"{dead[0]} exited with {dead[1]}; see {self.state}/logs/{dead[0]}.log")
             if ready():
                 return
             time.sleep(0.1)
@@ -250,7 +257,10 @@ def command(demo: bool, **kwargs) -> None:
                    "Ctrl-C to stop")
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         try:
-            while True:
-                time.sleep(3600)
+            while (dead := stack.exited()) is None:
+                time.sleep(1.0)
         except KeyboardInterrupt:
-            pass
+            return
+        name, code = dead
+        raise click.ClickException(f"{name} exited with {code}; see {stack.state}/logs/{name}.log. "
+                                   "Everything else was stopped.")
