@@ -51,7 +51,8 @@ class RequestError(Exception):
 
 
 def validate(spec_inputs, arrays: list[np.ndarray], model: str) -> None:
-    """Checks count, dtype, shape (``None`` dims are free) and finiteness of ``arrays``.
+    """Checks count, dtype, shape (``None`` dims are free), finiteness of float inputs, and the
+    registered id range (``high``) and length (``max_len``) of token inputs of ``arrays``.
 
     Raises:
         RequestError: 400 naming the first problem.
@@ -69,7 +70,7 @@ def validate(spec_inputs, arrays: list[np.ndarray], model: str) -> None:
                                f"{'x'.join(map(str, a.shape))}")
         if a.dtype.kind == "f" and not all_finite(a):
             raise RequestError(400, "bad_input", f"input {spec.name} of model {model} contains NaN or infinity")
-        if spec.high is not None and a.size and (a.min() < 0 or a.max() >= spec.high):
+        if spec.high is not None and (a.min() < 0 or a.max() >= spec.high):  # zero-size refused above
             raise RequestError(400, "bad_input", f"input {spec.name} of model {model} holds values outside "
                                f"0..{spec.high - 1} (the rows of the table it indexes)")
         if spec.max_len is not None and a.shape[-1] > spec.max_len:
@@ -118,19 +119,19 @@ class Service:
 
         Args:
             header, payload: the request.
-            attached: this connection's shared-memory segments by id (an infer adds to it).
-            fds: descriptors the request carried; an infer takes its segment's, the caller
-                closes what is left.
+            attached: this connection's shared-memory segments by id.
+            fds: descriptors the request carried: a segment's, when the request names one
+                (``shm``), becomes the connection's segment; the caller closes what is left.
 
         Raises:
             RequestError: the status and code for the caller.
         """
         self._authorize(header)
+        if fds and isinstance(header.get("shm"), str) and header["shm"]:
+            self._attach(header["shm"], fds.pop(), attached)
         op = header.get("op")
         if op == "register_program":  # the one op whose request carries a payload
             return self.op_register_program(header, payload)
-        if op == "infer":
-            return self.op_infer(header, attached, fds)
         handler = getattr(self, f"op_{op}", None) if isinstance(op, str) else None
         if handler is None:
             raise RequestError(400, "bad_request", f"unknown op {op!r}")
@@ -192,7 +193,22 @@ class Service:
         except ModelLoadError as exc:
             raise RequestError(502, "model_load_failed", str(exc)) from None
 
-    def op_infer(self, header: dict, attached: dict[str, protocol.Segment], fds: list[int]) -> tuple[dict, bytes]:
+    def _attach(self, shm_name: str, fd: int, attached: dict[str, protocol.Segment]) -> None:
+        """Maps the segment ``fd`` as this connection's one segment, called ``shm_name``.
+
+        Raises:
+            RequestError: 400 when it is no memfd sealed against shrinking.
+        """
+        try:
+            shm = protocol.Segment.attach(fd, shm_name, self.settings.max_input_bytes + protocol.SEGMENT_SLACK_BYTES)
+        except (protocol.ProtocolError, OSError) as exc:
+            raise RequestError(400, "bad_request", f"cannot map shared memory {shm_name!r}: {exc}") from None
+        for old in attached.values():  # a client has one segment per connection at a time
+            old.close()
+        attached.clear()
+        attached[shm_name] = shm
+
+    def op_infer(self, header: dict, attached: dict[str, protocol.Segment]) -> tuple[dict, bytes]:
         shm_name = header.get("shm")
         if not isinstance(shm_name, str) or not shm_name:
             raise RequestError(400, "bad_request", "field 'shm' must name a shared-memory segment")
@@ -203,16 +219,6 @@ class Service:
         total = sum(e["nbytes"] for e in entries if isinstance(e, dict) and isinstance(e.get("nbytes"), int))
         if total > self.settings.max_input_bytes:
             raise RequestError(413, "too_large", f"inputs of {total} bytes exceed the limit of {self.settings.max_input_bytes} bytes")
-        if fds:
-            try:
-                shm = protocol.Segment.attach(fds.pop(), shm_name,
-                                              self.settings.max_input_bytes + protocol.SEGMENT_SLACK_BYTES)
-            except (protocol.ProtocolError, OSError) as exc:
-                raise RequestError(400, "bad_request", f"cannot map shared memory {shm_name!r}: {exc}") from None
-            for old in attached.values():  # a client has one segment per connection at a time
-                old.close()
-            attached.clear()
-            attached[shm_name] = shm
         shm = attached.get(shm_name)
         if shm is None:
             raise RequestError(400, "bad_request", f"unknown shared-memory segment {shm_name!r}: send its file "
