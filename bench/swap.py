@@ -5,7 +5,8 @@ against the transfer bound (issue 3).
 
 For each model (batch 1, fp32, random weights with a fixed seed): weight bytes; transfer
 bound = bytes ÷ measured pinned host→GPU bandwidth; native warm eager latency (the module on
-the GPU, in this process); served warm and cold latencies measured inside the GPU server's
+the GPU, in this process: inputs from the host, outputs back on the host as the served time
+has them; ``native_warm_device_ms`` leaves the outputs on the GPU); served warm and cold latencies measured inside the GPU server's
 node (request accepted → outputs on the host; CUDA graphs on); naive ``.to("cuda")`` of a
 pageable CPU module + run; peer swap over NVLink + run when two GPUs exist; max abs
 difference of served outputs against native. Medians of repeated runs. The redirection
@@ -27,6 +28,7 @@ from safetensors.torch import save_model
 
 from runtime.gpu_server import zoo
 from runtime.gpu_server.device import discover
+from runtime.gpu_server.graphs import flatten
 from runtime.gpu_server.node import Node
 from runtime.gpu_server.repository import ModelSpec, Repository, TensorSpec
 from runtime.gpu_server.store import ModelStore
@@ -88,15 +90,18 @@ def bench_model(name: str, node: Node, repo: Repository, reps: int, h2d: float) 
 
     module.to("cuda")
     with torch.inference_mode():
-        def native():
+        def native_device():
             out = module(*[t.cuda() for t in x])
             torch.cuda.synchronize()
             return out
+
+        def native():  # what a plain process answers with: the outputs on the host
+            return [o.cpu() for o in flatten(module(*[t.cuda() for t in x]))]
         for _ in range(3):
             native()
         native_ms = timed(native, reps)
-        from runtime.gpu_server.graphs import flatten
-        reference = [o.cpu() for o in flatten(native())]
+        native_device_ms = timed(native_device, reps)
+        reference = native()
 
     hm = node.store.get(name)
     ex0 = node.executors[0]
@@ -113,18 +118,21 @@ def bench_model(name: str, node: Node, repo: Repository, reps: int, h2d: float) 
     assert info["path"] == "resident"
 
     def cold():
-        ex0.evict(name)
-        return serve()
-    cold_out, info = cold()
+        ex0.evict(name)  # untimed: not part of the request
+        started = time.perf_counter()
+        outputs, info = serve()
+        return outputs, info, (time.perf_counter() - started) * 1e3
+    cold_out, info, _ = cold()
     assert info["swap_in"], info
-    cold_ms = timed(lambda: cold(), max(5, reps // 3))
+    cold_ms = statistics.median(cold()[2] for _ in range(max(5, reps // 3)))
 
     nvlink_ms = None
     if len(node.executors) > 1:
         ex1 = node.executors[1]
 
-        def peer():
-            ex0.evict(name)
+        def peer() -> float:
+            ex0.evict(name)  # untimed, as for cold()
+            started = time.perf_counter()
             pinned = ex1.pin(hm)
             res, _ = ex0.acquire(hm, 60.0, ex1.region_bytes(pinned), prefetch=True)
             try:
@@ -132,10 +140,11 @@ def bench_model(name: str, node: Node, repo: Repository, reps: int, h2d: float) 
             finally:
                 ex0.release(res)
                 ex1.release(pinned)
+            return (time.perf_counter() - started) * 1e3
         ex0.evict(name)
         node.infer(name, x, 1, 60.0)  # resident nowhere, so the hint puts it on device 1
         if ex1.is_resident(name):
-            nvlink_ms = timed(peer, max(5, reps // 3))
+            nvlink_ms = statistics.median(peer() for _ in range(max(5, reps // 3)))
             ex1.evict(name)
     module.to("cpu")
     del module
@@ -146,6 +155,7 @@ def bench_model(name: str, node: Node, repo: Repository, reps: int, h2d: float) 
             "cold_group_bytes": pairs[0].group_bytes if pairs else None,
             "cold_graph_ms_by_group": {str(k): v for k, v in pairs[0].cold_ms.items()} if pairs else None,
             "bytes": hm.nbytes, "bound_ms": hm.nbytes / h2d / 1e6, "native_warm_ms": native_ms,
+            "native_warm_device_ms": native_device_ms,
             "served_warm_ms": warm_ms, "naive_ms": naive_ms, "cold_pcie_ms": cold_ms, "cold_nvlink_ms": nvlink_ms,
             "max_abs_diff": max(max_diff(warm_out, reference), max_diff(cold_out, reference)),
             "graph_runs": graph.get("graph_runs"), "layout_traced": hm.layout.traced}

@@ -2,7 +2,8 @@
 on the machine's GPUs (skipped where there is none; run on the device machine, see
 docs/faults.md):
 
-- case 8: a CUDA fault on one GPU (a model indexing out of bounds on the device) → the caller
+- case 8: a CUDA fault on one GPU (a model indexing out of bounds on the device: token ids
+  past its embedding, in a registration that lacks the id limits) → the caller
   gets a 5xx naming the fault, the GPU is unhealthy in Redis and in ``/readyz``; that the
   other GPU keeps serving is an expected failure until each GPU has its own process;
 - case 1 on a GPU: 1,000 swap-in/evict cycles with an inference each leave NVML's used device
@@ -10,6 +11,7 @@ docs/faults.md):
 """
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -61,6 +63,15 @@ def fault_device_0(redis_url: str) -> tuple[GPUServerProcess, list[np.ndarray], 
     of its ``gpt2`` model and their native outputs. Checks the caller's 5xx naming the fault."""
     server = GPUServerProcess(("gpt2",), devices=0, regions=0,
                               extra=("--arena-bytes", ARENA, "--redis-url", redis_url, "--node-id", "gpu-test"))
+    # The server refuses ids outside a registered embedding before the run; a registration
+    # without those limits (made by a Torpor before they were recorded) lets the bad ids
+    # reach the GPU, where they are a sticky device-side assert. The server reads the spec
+    # at the model's first request, which comes after this edit.
+    spec_path = server.repo.folder("gpt2") / "model.json"
+    spec = json.loads(spec_path.read_text())
+    for entry in spec["inputs"]:
+        entry["high"] = entry["max_len"] = None
+    spec_path.write_text(json.dumps(spec))
     good = models.inputs("gpt2")
     want = models.native(server.natives["gpt2"], good)
     client = server.client()

@@ -140,9 +140,14 @@ class Executor:
                 self._cond.wait(remaining)
 
     def _swap_in(self, model: HostModel, source: torch.Tensor | None, defer: bool) -> Residency:
+        priced: list[Callable[[list[str]], float]] = []
+
+        def cost(owners: list[str]) -> float:  # priced once, and only when room must be made
+            if not priced:
+                priced.append(self._eviction_cost(self))
+            return priced[0](owners)
         offset, victims = self.arena.plan(
-            model.nbytes, evictable=lambda o: self.resident[o].in_use == 0,
-            cost=self._eviction_cost(self), home=self._homes.get(model.name))
+            model.nbytes, evictable=lambda o: self.resident[o].in_use == 0, cost=cost, home=self._homes.get(model.name))
         for victim in victims:
             self._evict(victim)
         region = self.arena.place(model.name, offset, model.nbytes)
@@ -223,7 +228,8 @@ class Executor:
                 self.graphs.drop(name)
 
     def run(self, res: Residency, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Runs the resident model on CPU ``inputs``; returns its outputs as CPU tensors.
+        """Runs the resident model on CPU ``inputs``; returns its outputs as CPU tensors
+        (page-locked on CUDA devices: Device.to_host).
 
         Raises:
             DeviceFault: the device failed (the executor is then marked unhealthy).
@@ -232,7 +238,7 @@ class Executor:
         with self._run_lock:
             try:
                 with torch.inference_mode(), self.device.computing():
-                    outputs = self._run(res, inputs)
+                    outputs = self.device.to_host(self._run(res, inputs))
                     self.device.synchronize()
             except torch.AcceleratorError as exc:
                 self.healthy = False
@@ -244,6 +250,7 @@ class Executor:
         return outputs
 
     def _run(self, res: Residency, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Issues the run; returns its outputs on the device, not waited for."""
         key = self.graphs.key(res.model, res.region.offset, inputs) if self.graphs else None
         pair = self.graphs.get(key) if key else None
         if res.deferred:
@@ -258,7 +265,7 @@ class Executor:
             self.stats.graph_runs += 1
             return self.graphs.replay(pair, inputs, cold=False)
         args = [t.to(self.device.torch_device, non_blocking=True) for t in inputs]
-        outputs = [o.to("cpu") for o in flatten(res.module(*args))]
+        outputs = flatten(res.module(*args))
         if key and res.gates.swap is None and self.graphs.note_eager(key):
             self.device.synchronize()
             with self._cond:  # no swap-in may put copies on the copy stream while a capture forks it

@@ -86,11 +86,12 @@ class GraphCache:
         return self.get(self.key(model, offset, inputs))
 
     def replay(self, pair: GraphPair, inputs: list[torch.Tensor], cold: bool) -> list[torch.Tensor]:
-        """Copies ``inputs`` into the static inputs, replays, returns the outputs on the CPU."""
+        """Copies CPU ``inputs`` into the static inputs and replays; returns the static
+        outputs on the device (issued on the current stream, nothing waits for them)."""
         for static, x in zip(pair.inputs, inputs):
             static.copy_(x, non_blocking=True)
         (pair.cold if cold else pair.warm).replay()
-        return [o.to("cpu") for o in (pair.cold_outputs if cold else pair.warm_outputs)]
+        return pair.cold_outputs if cold else pair.warm_outputs
 
     def note_eager(self, key: Key) -> bool:
         """Counts one eager run of ``key``; True when it is time to capture it."""
