@@ -28,8 +28,9 @@ stack's ``torpor`` command sits beside the Python that runs this file.
    replayed in real time through the REST API (``loadgen.replay``); every output is compared
    with the native reference (``numpy.allclose``, rtol 1e-4, atol 1e-4: the served run may use
    other fp32 kernels than the eager reference, e.g. inside a CUDA graph).
-7. The GPU server's ``/metrics`` before and after the replay give swap-ins by path and each
-   GPU's execution time (its load; ``gpu_load_cov`` is their coefficient of variation).
+7. The GPU server's ``/metrics`` before and after the replay give swap-ins by path, each
+   GPU's execution time (its load; ``gpu_load_cov`` is their coefficient of variation), and
+   the runs replayed from CUDA graphs against all runs, with the captures and their time.
 
 The result is merged into ``--out`` (one entry per functions × policy in ``runs``).
 """
@@ -325,6 +326,8 @@ def run(s: NodeRunSettings) -> dict[str, Any]:
         after = scrape(stack.gpu_metrics_url)
     by_path = delta(after, before, "torpor_gpu_request_duration_seconds_count", "path")
     busy = delta(after, before, "torpor_gpu_execution_duration_seconds_sum", "device")
+    graphs = {key: sum(delta(after, before, f"torpor_gpu_{key}_total", "device").values())
+              for key in ("runs", "graph_runs", "graph_captures", "graph_capture_seconds")}
     loads_s = np.array([busy.get(str(d), 0.0) for d in range(devices)])
     sim = simulate(dataclasses.replace(cluster, request_overhead_ms=overhead_ms), s.functions, s.policy)
     head = summary(report)
@@ -336,6 +339,8 @@ def run(s: NodeRunSettings) -> dict[str, Any]:
         "gpu_load_cov": round(float(loads_s.std() / loads_s.mean()), 4) if loads_s.mean() > 0 else 0.0,
         "swap_ins_pcie": int(round(by_path.get("pcie", 0))), "swap_ins_nvlink": int(round(by_path.get("nvlink", 0))),
         "resident_hits": int(round(by_path.get("resident", 0))),
+        "runs": int(graphs["runs"]), "graph_runs": int(graphs["graph_runs"]),
+        "graph_captures": int(graphs["graph_captures"]), "graph_capture_s": round(graphs["graph_capture_seconds"], 2),
         "request_overhead_ms": round(overhead_ms, 3),
         "simulated_slo_attainment": sim["slo_attainment"], "simulated_p50_ms": sim["p50_ms"],
         "simulated_p98_ms": sim["p98_ms"], "simulated_p99_ms": sim["p99_ms"],

@@ -233,6 +233,21 @@ def test_home_offset_is_reused():
     assert full.plan(20, lambda o: True, priced({"x": 1, "y": 1, "z": 1})) == (0, ["x"])
 
 
+def test_a_sticky_home_evicts_idle_models_rather_than_take_a_free_gap():
+    # with CUDA graphs bound to the home's address, a free gap elsewhere means eager runs
+    arena = filled(100, [("x", 0, 20), ("y", 20, 20)])
+    prices = priced({"x": 1, "y": 1})
+    assert arena.plan(20, lambda o: True, prices, home=20, sticky_home=True) == (20, ["y"])
+    assert arena.plan(20, lambda o: True, prices, home=20) == (40, [])  # not sticky: the free gap
+    # a home spanning two models evicts both
+    assert arena.plan(30, lambda o: True, prices, home=0, sticky_home=True) == (0, ["x", "y"])
+    # a home holding a model in use, or one that must never be evicted: a free gap instead
+    assert arena.plan(20, lambda o: o != "y", prices, home=20, sticky_home=True) == (40, [])
+    assert arena.plan(20, lambda o: True, priced({"x": 1, "y": float("inf")}), home=20, sticky_home=True) == (40, [])
+    # a home past the arena's end (an arena made smaller since) is ignored
+    assert arena.plan(20, lambda o: True, priced({}), home=90, sticky_home=True) == (40, [])
+
+
 def test_model_larger_than_the_arena_is_refused():
     arena = Arena(105, 10)
     assert arena.capacity == 100

@@ -147,11 +147,12 @@ class Executor:
                 priced.append(self._eviction_cost(self))
             return priced[0](owners)
         offset, victims = self.arena.plan(
-            model.nbytes, evictable=lambda o: self.resident[o].in_use == 0, cost=cost, home=self._homes.get(model.name))
+            model.nbytes, evictable=lambda o: self.resident[o].in_use == 0, cost=cost, home=self._homes.get(model.name),
+            sticky_home=self.graphs is not None)
         for victim in victims:
             self._evict(victim)
         region = self.arena.place(model.name, offset, model.nbytes)
-        self._homes[model.name] = offset
+        self._homes.setdefault(model.name, offset)  # the first placement stays its home (arena.py)
         module, gates = self._bind(model, offset)
         deferred = defer and source is None and self.graphs is not None and self.graphs.has_cold(model, offset)
         if not deferred:
@@ -266,7 +267,9 @@ class Executor:
             return self.graphs.replay(pair, inputs, cold=False)
         args = [t.to(self.device.torch_device, non_blocking=True) for t in inputs]
         outputs = flatten(res.module(*args))
-        if key and res.gates.swap is None and self.graphs.note_eager(key):
+        # graphs are captured at the model's home only: elsewhere it is a guest until evicted
+        if key and res.gates.swap is None and res.region.offset == self._homes.get(res.model.name) \
+                and self.graphs.note_eager(key):
             self.device.synchronize()
             with self._cond:  # no swap-in may put copies on the copy stream while a capture forks it
                 self.graphs.capture(key, res.module, res.gates, res.model, res.region.offset, inputs)

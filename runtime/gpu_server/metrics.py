@@ -112,6 +112,10 @@ class ExecutorCollector(Collector):
         counters = {key: CounterMetricFamily(name, text, labels=["device"]) for key, name, text in (
             ("evictions", "torpor_gpu_evictions", "Models evicted from the device's weight arena"),
             ("runs", "torpor_gpu_runs", "Model runs (inferences) on the device"),
+            ("graph_runs", "torpor_gpu_graph_runs", "Model runs replayed from a CUDA graph (warm or cold)"),
+            ("graph_captures", "torpor_gpu_graph_captures", "CUDA graph pairs (warm + cold) captured"),
+            ("graph_capture_seconds", "torpor_gpu_graph_capture_seconds",
+             "Time the device spent capturing CUDA graphs (its executor is held meanwhile)"),
         )}
         gauges = {key: GaugeMetricFamily(name, text, labels=["device"]) for key, name, text in (
             ("arena_bytes", "torpor_gpu_arena_bytes", "Size of the device's weight arena"),
@@ -129,7 +133,7 @@ class ExecutorCollector(Collector):
                 family.add_metric([device, "pcie"], s[key] - s[f"peer_{key}"])
                 family.add_metric([device, "nvlink"], s[f"peer_{key}"])
             for key, family in counters.items():
-                family.add_metric([device], s[key])
+                family.add_metric([device], s.get(key, 0))  # CPU devices have no graphs
             for key, family in gauges.items():
                 family.add_metric([device], s[key])
             resident.add_metric([device], len(s["resident"]))
