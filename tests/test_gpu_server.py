@@ -118,6 +118,55 @@ def test_a_model_in_use_is_never_evicted(repo):
     assert sorted(ex.resident) == ["b"] and ex.stats.evictions == 1
 
 
+def test_waiters_for_room_plan_only_when_idle_models_could_make_it(repo, monkeypatch):
+    """Every release wakes every waiter; only those for whom the idle models' bytes could
+    make room run the (locked) placement, so a herd of waiters costs one plan per swap-in."""
+    names = [f"w{i}" for i in range(8)]
+    for name in ["a", *names]:
+        models.register(repo, name, "resnet")
+    node = make_node(repo, devices=1, regions=1)
+    ex = node.executors[0]
+    held, _ = ex.acquire(node.store.get("a"), timeout_s=1.0)
+    plans = []
+    real_plan = type(ex.arena).plan
+    monkeypatch.setattr(type(ex.arena), "plan", lambda self, *a, **k: plans.append(1) or real_plan(self, *a, **k))
+    landed = []
+
+    def use(name: str) -> None:
+        res, swapped = ex.acquire(node.store.get(name), timeout_s=20.0)
+        landed.append((name, swapped))
+        time.sleep(0.01)
+        ex.release(res)
+    waiters = [threading.Thread(target=use, args=(n,)) for n in names]
+    for w in waiters:
+        w.start()
+    time.sleep(0.3)
+    assert not plans  # all waiting: the only model is in use
+    ex.release(held)
+    for w in waiters:
+        w.join(30.0)
+    assert sorted(landed) == [(n, True) for n in names]
+    assert len(plans) == len(names), plans
+
+
+def test_a_model_moved_to_another_offset_reuses_its_skeleton_and_stays_correct(repo):
+    natives = {"a": models.register(repo, "a", "resnet"), "b": models.register(repo, "b", "resnet", seed=1)}
+    node = make_node(repo, devices=1, regions=2)
+    ex = node.executors[0]
+    served(node, "a", "resnet", natives["a"])
+    first = ex.resident["a"]
+    assert first.region.offset == 0
+    ex.evict("a")
+    served(node, "b", "resnet", natives["b"])  # takes offset 0, so a lands elsewhere
+    served(node, "a", "resnet", natives["a"], seed=1)
+    moved = ex.resident["a"]
+    assert moved.region.offset == REGION and moved.module is first.module  # re-pointed, not copied
+    ex.evict("b")
+    ex.evict("a")
+    served(node, "a", "resnet", natives["a"], seed=2)  # back at its home, pointed back
+    assert ex.resident["a"].region.offset == 0 and ex.resident["a"].module is first.module
+
+
 def test_a_model_larger_than_the_arena_gets_no_room_at_once(repo):
     models.register(repo, "wide", "gpt2-wide")  # 2 MiB of weights plus a little: two regions
     node = make_node(repo, devices=1, regions=1)
@@ -818,7 +867,7 @@ def test_a_new_version_is_never_copied_from_an_old_ones_bytes(repo, monkeypatch)
     assert info["path"] == "pcie"  # from the host: the peer holds another version's bytes
     models.assert_same([o.numpy() for o in outputs], models.native(new, arrays))
     for ex in node.executors:  # no device keeps a bound module of the old version
-        assert all(bound[0] is not old.model for bound in ex._bound.values())
+        assert all(bound.model is not old.model for bound in ex._bound.values())
 
 
 def test_token_ids_outside_the_embedding_are_a_400_before_any_run(server, client):

@@ -20,10 +20,11 @@ from torch import nn
 from runtime.gpu_server.arena import Arena, ArenaFull, Region
 from runtime.gpu_server.device import Device
 from runtime.gpu_server.graphs import GraphCache, flatten
+from runtime.gpu_server.layout import Binding
 from runtime.gpu_server.store import HostModel
 from runtime.gpu_server.swap import GROUP_BYTES, PEER_GROUP_BYTES, Gates, SwapIn
 
-BOUND_CACHE = 64  # device-bound module skeletons kept per executor (no device memory each)
+BOUND_CACHE = 512  # device-bound module skeletons kept per executor (Python objects, no device memory)
 
 
 class NoRoom(Exception):
@@ -50,6 +51,17 @@ class Residency:
     def landing(self) -> bool:
         """Whether its bytes are not all on the device yet."""
         return self.deferred or (self.gates.swap is not None and not self.gates.swap.done())
+
+
+@dataclass
+class _Bound:
+    """A device-bound module skeleton kept by an executor, and where it points now."""
+
+    model: HostModel
+    offset: int
+    module: nn.Module
+    gates: Gates
+    binding: Binding | None = None  # found on its first move to another offset
 
 
 @dataclass
@@ -92,7 +104,7 @@ class Executor:
         self._cond = threading.Condition()
         self._run_lock = threading.Lock()
         self._homes: dict[str, int] = {}
-        self._bound: OrderedDict[str, tuple[HostModel, int, nn.Module, Gates]] = OrderedDict()
+        self._bound: OrderedDict[str, _Bound] = OrderedDict()
 
     def is_resident(self, name: str) -> bool:
         return name in self.resident
@@ -127,17 +139,25 @@ class Executor:
                 if res is not None and res.model is model:
                     res.in_use += 1
                     return res, False
-                if res is None:
+                if model.nbytes > self.arena.capacity:
+                    raise NoRoom(f"model {model.name} ({model.nbytes} bytes) exceeds the arena of device "
+                                 f"{self.device.index} ({self.arena.capacity} bytes)")
+                # every release wakes every waiter: one that cannot find room even among the
+                # idle models' bytes goes back to sleep without planning (herds of hundreds)
+                if res is None and self._idle_room() >= model.nbytes:
                     try:
                         return self._swap_in(model, source, defer=not prefetch), True
-                    except ArenaFull as exc:
-                        if model.nbytes > self.arena.capacity:
-                            raise NoRoom(str(exc)) from None
+                    except ArenaFull:
+                        pass
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise NoRoom(f"no room for {model.name} on device {self.device.index} within {timeout_s:.1f} s: "
                                  "the resident models are in use")
                 self._cond.wait(remaining)
+
+    def _idle_room(self) -> int:
+        """Arena bytes not held by models in use: an upper bound on the room eviction can make."""
+        return self.arena.capacity - sum(r.region.size for r in self.resident.values() if r.in_use)
 
     def _swap_in(self, model: HostModel, source: torch.Tensor | None, defer: bool) -> Residency:
         priced: list[Callable[[list[str]], float]] = []
@@ -171,13 +191,23 @@ class Executor:
         return res
 
     def _bind(self, model: HostModel, offset: int) -> tuple[nn.Module, Gates]:
+        """The model's device-bound module at ``offset``. A skeleton kept from an earlier
+        swap-in is re-pointed at the new offset (layout.bind) rather than copied again from
+        the template: the copy costs tens of ms of Python for a CNN, under this executor's
+        lock; the model is resident nowhere else on this device, so nothing runs the
+        skeleton meanwhile (graphs captured at the old offset do not use it)."""
         cached = self._bound.get(model.name)
-        if cached is not None and cached[0] is model and cached[1] == offset:
+        if cached is not None and cached.model is model:
             self._bound.move_to_end(model.name)
-            return cached[2], cached[3]
+            if cached.offset != offset:
+                if cached.binding is None:
+                    cached.binding = Binding(cached.module, model.layout)
+                cached.binding.to(self.device.weights[offset:offset + model.nbytes])
+                cached.offset = offset
+            return cached.module, cached.gates
         module = model.instantiate(self.device.weights[offset:offset + model.nbytes])
         gates = Gates(module, model.layout.first_use_end)
-        self._bound[model.name] = (model, offset, module, gates)
+        self._bound[model.name] = _Bound(model, offset, module, gates)
         while len(self._bound) > BOUND_CACHE:
             self._bound.popitem(last=False)
         return module, gates

@@ -211,17 +211,46 @@ def pack(module: nn.Module, layout: Layout, buffer: torch.Tensor) -> None:
         buffer[slot.offset:slot.offset + slot.nbytes].copy_(src)
 
 
-def bind(module: nn.Module, layout: Layout, buffer: torch.Tensor) -> None:
-    """Points every weight of ``module`` at its bytes in the flat uint8 ``buffer`` (no copy).
+class Binding:
+    """The weights of one module, found once, that :meth:`to` points at a flat buffer.
+
+    Looking each weight's owner up by name costs most of a binding (about 9 of 11 ms for the
+    320 weights of a ResNet-50 here); an executor keeps the Binding of a module it may bind
+    again at another arena offset.
+
+    Args:
+        module: a module built from the layout's architecture (weights on any device).
+        layout: the module's layout.
+    """
+
+    def __init__(self, module: nn.Module, layout: Layout):
+        self.targets: list[tuple[Slot, list[tuple[nn.Module, str, bool]]]] = []
+        for slot in layout.slots:
+            owners = []
+            for name in slot.names:
+                owner_path, _, attr = name.rpartition(".")
+                owner = module.get_submodule(owner_path) if owner_path else module
+                owners.append((owner, attr, attr in owner._parameters))
+            self.targets.append((slot, owners))
+
+    def to(self, buffer: torch.Tensor) -> None:
+        """Points every weight at its bytes in the flat uint8 ``buffer`` (no copy); ``buffer``
+        may live on any device; tied names get the same view."""
+        for slot, owners in self.targets:
+            view = buffer[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+            for owner, attr, is_parameter in owners:
+                if is_parameter:
+                    owner._parameters[attr] = nn.Parameter(view, requires_grad=False)
+                else:
+                    owner._buffers[attr] = view
+
+
+def bind(module: nn.Module, layout: Layout, buffer: torch.Tensor) -> Binding:
+    """Points every weight of ``module`` at its bytes in the flat uint8 ``buffer`` (no copy);
+    returns the :class:`Binding`, to point them at another buffer later.
 
     ``buffer`` may live on any device; tied names get the same view.
     """
-    for slot in layout.slots:
-        view = buffer[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
-        for name in slot.names:
-            owner_path, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_path) if owner_path else module
-            if attr in owner._parameters:
-                owner._parameters[attr] = nn.Parameter(view, requires_grad=False)
-            else:
-                owner._buffers[attr] = view
+    binding = Binding(module, layout)
+    binding.to(buffer)
+    return binding
