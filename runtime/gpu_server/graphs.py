@@ -7,10 +7,11 @@
   reaches the transfer bound only this way; DESIGN.md §3).
 
 Graphs bake in addresses: the weights' (the model's region in the arena, hence the offset in
-the key; the arena gives each model a stable home, so it usually lands there again), the
+the key; on CUDA devices the arena sends each model back to its sticky home, arena.py), the
 host buffer's (pinned, never moved) and the static input/output tensors'. A graph is
-captured the second time a signature runs eagerly (the first run warms up cuDNN and the
-allocator), and replayed from then on; a model whose forward cannot be captured (a host
+captured the second time a signature runs eagerly at the model's home with its weights
+landed (the first run warms up cuDNN and the allocator; elsewhere the model is a guest
+until evicted), and replayed from then on; a model whose forward cannot be captured (a host
 sync, data-dependent shapes) stays eager. Captures are thread-local (other devices'
 executors keep running) and hold the executor's lock, so that no swap-in issues copies on
 the copy stream while it is forked into a capture. All graphs of one device share one memory pool
