@@ -297,9 +297,11 @@ class Executor:
             return self.graphs.replay(pair, inputs, cold=False)
         args = [t.to(self.device.torch_device, non_blocking=True) for t in inputs]
         outputs = flatten(res.module(*args))
-        # graphs are captured at the model's home only: elsewhere it is a guest until evicted
-        if key and res.gates.swap is None and res.region.offset == self._homes.get(res.model.name) \
-                and self.graphs.note_eager(key):
+        # graphs are captured at the model's home only: elsewhere it is a guest until evicted.
+        # The run that swapped the model in counts as the warm-up run, but the capture waits
+        # for a run with every byte landed (it replays the copies itself)
+        if key and res.region.offset == self._homes.get(res.model.name) and self.graphs.note_eager(key) \
+                and res.gates.swap is None:
             self.device.synchronize()
             with self._cond:  # no swap-in may put copies on the copy stream while a capture forks it
                 self.graphs.capture(key, res.module, res.gates, res.model, res.region.offset, inputs)

@@ -9,10 +9,10 @@
 Graphs bake in addresses: the weights' (the model's region in the arena, hence the offset in
 the key; on CUDA devices the arena sends each model back to its sticky home, arena.py), the
 host buffer's (pinned, never moved) and the static input/output tensors'. A graph is
-captured the second time a signature runs eagerly at the model's home with its weights
-landed (the first run warms up cuDNN and the allocator; elsewhere the model is a guest
-until evicted), and replayed from then on; a model whose forward cannot be captured (a host
-sync, data-dependent shapes) stays eager. Captures are thread-local (other devices'
+captured at the second eager run of a signature at the model's home — the first may be the
+run that swapped it in — once its weights have all landed (the first run warms up cuDNN and
+the allocator; elsewhere the model is a guest until evicted), and replayed from then on; a
+model whose forward cannot be captured (a host sync, data-dependent shapes) stays eager. Captures are thread-local (other devices'
 executors keep running) and hold the executor's lock, so that no swap-in issues copies on
 the copy stream while it is forked into a capture. All graphs of one device share one memory pool
 for activations: they are replayed one at a time (the executor's run lock), and each keeps
