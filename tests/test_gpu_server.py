@@ -150,21 +150,25 @@ def test_waiters_for_room_plan_only_when_idle_models_could_make_it(repo, monkeyp
 
 
 def test_a_model_moved_to_another_offset_reuses_its_skeleton_and_stays_correct(repo):
-    natives = {"a": models.register(repo, "a", "resnet"), "b": models.register(repo, "b", "resnet", seed=1)}
-    node = make_node(repo, devices=1, regions=2)
+    natives = {n: models.register(repo, n, "resnet", seed=i) for i, n in enumerate("abc")}
+    node = make_node(repo, devices=1, regions=3)
     ex = node.executors[0]
+
+    def weights_at(res) -> int:  # arena offset the module's first weight points at
+        return next(res.module.parameters()).data_ptr() - ex.device.weights.data_ptr()
     served(node, "a", "resnet", natives["a"])
     first = ex.resident["a"]
-    assert first.region.offset == 0
+    assert first.region.offset == weights_at(first) == 0
     ex.evict("a")
-    served(node, "b", "resnet", natives["b"])  # takes offset 0, so a lands elsewhere
-    served(node, "a", "resnet", natives["a"], seed=1)
+    served(node, "b", "resnet", natives["b"])  # b takes offset 0: a lands in the next gap
+    served(node, "a", "resnet", natives["a"], seed=1)  # wrong outputs if a still read offset 0 (b's bytes)
     moved = ex.resident["a"]
-    assert moved.region.offset == REGION and moved.module is first.module  # re-pointed, not copied
-    ex.evict("b")
+    assert moved.region.offset == weights_at(moved) == REGION and moved.module is first.module  # re-pointed
     ex.evict("a")
-    served(node, "a", "resnet", natives["a"], seed=2)  # back at its home, pointed back
-    assert ex.resident["a"].region.offset == 0 and ex.resident["a"].module is first.module
+    served(node, "c", "resnet", natives["c"])  # c takes a's last offset: a moves again
+    served(node, "a", "resnet", natives["a"], seed=2)  # wrong outputs if a still read c's or b's bytes
+    again = ex.resident["a"]
+    assert again.region.offset == weights_at(again) == 2 * REGION and again.module is first.module
 
 
 def test_a_model_larger_than_the_arena_gets_no_room_at_once(repo):
@@ -898,3 +902,17 @@ def test_a_request_header_over_the_limit_is_a_400_from_the_client(server, client
         client.call({"op": "health", "padding": "x" * (protocol.MAX_HEADER_BYTES + 1)})
     assert (err.value.status, err.value.code) == (400, "bad_request") and "exceeds the limit" in str(err.value)
     assert client.health()["healthy"]  # the connection was not touched
+
+
+def test_a_swap_in_that_fails_to_bind_leaves_no_region_behind(repo, monkeypatch):
+    natives = {"a": models.register(repo, "a", "resnet"), "b": models.register(repo, "b", "resnet", seed=1)}
+    node = make_node(repo, devices=1, regions=1)
+    ex = node.executors[0]
+    model = node.store.get("a")
+    monkeypatch.setattr(type(model), "instantiate", lambda self, weights: (_ for _ in ()).throw(MemoryError("host")))
+    with pytest.raises(MemoryError):
+        ex.acquire(model, timeout_s=1.0)
+    assert ex.arena.used == 0 and not ex.resident
+    monkeypatch.undo()
+    served(node, "b", "resnet", natives["b"])  # the arena plans and serves as before
+    served(node, "a", "resnet", natives["a"])

@@ -233,19 +233,24 @@ def test_home_offset_is_reused():
     assert full.plan(20, lambda o: True, priced({"x": 1, "y": 1, "z": 1})) == (0, ["x"])
 
 
-def test_a_sticky_home_evicts_idle_models_rather_than_take_a_free_gap():
-    # with CUDA graphs bound to the home's address, a free gap elsewhere means eager runs
+def test_a_sticky_home_beats_the_cheapest_window_only_when_room_must_be_made():
+    # while a free gap fits, nobody is evicted for a home (two models sharing one would
+    # otherwise evict each other on every request)
     arena = filled(100, [("x", 0, 20), ("y", 20, 20)])
-    prices = priced({"x": 1, "y": 1})
-    assert arena.plan(20, lambda o: True, prices, home=20, sticky_home=True) == (20, ["y"])
-    assert arena.plan(20, lambda o: True, prices, home=20) == (40, [])  # not sticky: the free gap
+    prices = priced({"x": 1, "y": 5, "z": 9, "w": 9})
+    assert arena.plan(20, lambda o: True, prices, home=20, sticky_home=True) == (40, [])
+    # full: the home's idle models go, although the policy prices x's window lower
+    full = filled(60, [("x", 0, 20), ("y", 20, 20), ("z", 40, 20)])
+    assert full.plan(20, lambda o: True, prices, home=20, sticky_home=True) == (20, ["y"])
+    assert full.plan(20, lambda o: True, prices, home=20) == (0, ["x"])  # not sticky: the policy's window
     # a home spanning two models evicts both
-    assert arena.plan(30, lambda o: True, prices, home=0, sticky_home=True) == (0, ["x", "y"])
-    # a home holding a model in use, or one that must never be evicted: a free gap instead
-    assert arena.plan(20, lambda o: o != "y", prices, home=20, sticky_home=True) == (40, [])
-    assert arena.plan(20, lambda o: True, priced({"x": 1, "y": float("inf")}), home=20, sticky_home=True) == (40, [])
-    # a home past the arena's end (an arena made smaller since) is ignored
-    assert arena.plan(20, lambda o: True, priced({}), home=90, sticky_home=True) == (40, [])
+    assert full.plan(30, lambda o: True, prices, home=20, sticky_home=True) == (20, ["y", "z"])
+    # a home holding a model in use, or one that must never be evicted: the policy's window
+    assert full.plan(20, lambda o: o != "y", prices, home=20, sticky_home=True) == (0, ["x"])
+    assert full.plan(20, lambda o: True, priced({"x": 1, "y": float("inf"), "z": 9}), home=20,
+                     sticky_home=True) == (0, ["x"])
+    # a home past the arena's end (a home kept from an older, larger version of the model) is ignored
+    assert full.plan(20, lambda o: True, prices, home=50, sticky_home=True) == (0, ["x"])
 
 
 def test_model_larger_than_the_arena_is_refused():

@@ -8,14 +8,14 @@ cost least — the caller ranks models by eviction preference (LRU, or Torpor's 
 keeps the only copy of a heavy model). That is how fragmentation is handled: a request never
 fails while enough *contiguous* evictable room exists, and it never moves a resident model,
 so a model's address stays fixed while it is resident (CUDA graphs and bound modules keep
-working). A model has a *home*, the offset of its first placement on the device: taken
-when free, and winning ties. Where CUDA graphs are bound to addresses (graphs.py), the home
-is *sticky*: the model goes back there whenever the models in that window are idle and
-evictable, evicting them even when a free gap or a cheaper window exists elsewhere, since a
-graph replay costs a fraction of the eager run a new address needs (and of a capture,
-~0.1–1 s of the device). Models whose homes overlap then evict each other; a model whose
-home is in use lands elsewhere, without moving its home. Elsewhere (CPU devices) addresses
-do not matter and the eviction policy alone picks the window.
+working). A model has a *home* offset (the executor keeps it): taken when free, and winning
+ties. Where CUDA graphs are bound to addresses (graphs.py), the home is *sticky*: when no
+free gap fits and room must be made, the model goes back home whenever the models in that
+window are idle and evictable, rather than to the window the eviction policy prices lowest,
+since a graph replay costs a fraction of the eager run a new address needs (and of a
+capture, ~0.1–1 s of the device). Models whose homes overlap then evict each other when the
+arena is full; while free room exists nobody is evicted for a home. Elsewhere (CPU devices)
+addresses do not matter and the eviction policy alone picks the window.
 """
 from __future__ import annotations
 
@@ -89,8 +89,8 @@ class Arena:
             evictable: whether an owner may be evicted now (not in use).
             cost: price of evicting a window's owners together (lowest wins).
             home: the model's home offset, taken when free and on ties.
-            sticky_home: take the home whenever its window holds no model in use and none
-                whose eviction costs infinity (module docstring).
+            sticky_home: when no free gap fits, take the home whenever its window holds no
+                model in use and none whose eviction costs infinity (module docstring).
 
         Returns:
             ``(offset, victims)``; victims is empty when a free gap fits.
@@ -101,15 +101,15 @@ class Arena:
         size = align_up(nbytes, self.alignment)
         if size > self.capacity:
             raise ArenaFull(f"{nbytes} bytes exceed the arena's {self.capacity} bytes")
-        if home is not None and home % self.alignment == 0 and home + size <= self.capacity:
-            covered = [r.owner for r in self.regions if r.offset < home + size and r.end > home]
-            if not covered:
-                return home, []
-            if sticky_home and all(evictable(o) for o in covered) and cost(covered) != float("inf"):
-                return home, covered
+        home_fits = home is not None and home % self.alignment == 0 and home + size <= self.capacity
+        covered = [r.owner for r in self.regions if r.offset < home + size and r.end > home] if home_fits else []
+        if home_fits and not covered:
+            return home, []
         fits = [off for off, gap in self.gaps() if gap >= size]
         if fits:
             return fits[0], []
+        if home_fits and sticky_home and all(evictable(o) for o in covered) and cost(covered) != float("inf"):
+            return home, covered
         best: tuple[float, int, list[str]] | None = None
         # the home goes first so that it wins ties
         starts = ([home] if home is not None else []) + sorted(

@@ -24,21 +24,6 @@ class _DoneEvent:
     def query(self) -> bool:
         return True
 
-    def to_host(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Copies device ``tensors`` to the host, issued on the current stream without
-        waiting: into page-locked memory from PyTorch's caching host allocator on CUDA
-        (about 3× the bandwidth of a pageable copy here, and no fresh pages to fault in);
-        call :meth:`synchronize` before reading them. On CPU devices the tensors themselves.
-        """
-        if not self.is_cuda:
-            return list(tensors)
-        out = []
-        for t in tensors:
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            host.copy_(t, non_blocking=True)
-            out.append(host)
-        return out
-
     def synchronize(self) -> None:
         pass
 

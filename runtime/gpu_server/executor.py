@@ -24,7 +24,7 @@ from runtime.gpu_server.layout import Binding
 from runtime.gpu_server.store import HostModel
 from runtime.gpu_server.swap import GROUP_BYTES, PEER_GROUP_BYTES, Gates, SwapIn
 
-BOUND_CACHE = 512  # device-bound module skeletons kept per executor (Python objects, no device memory)
+BOUND_CACHE = 512  # device-bound module skeletons kept per executor: no device memory, ~0.4-1 MiB of host each
 
 
 class NoRoom(Exception):
@@ -172,15 +172,21 @@ class Executor:
         for victim in victims:
             self._evict(victim)
         region = self.arena.place(model.name, offset, model.nbytes)
-        self._homes.setdefault(model.name, offset)  # the first placement stays its home (arena.py)
-        module, gates = self._bind(model, offset)
-        deferred = defer and source is None and self.graphs is not None and self.graphs.has_cold(model, offset)
-        if not deferred:
-            dst = self.device.weights[offset:offset + model.nbytes]
-            if source is None:
-                gates.swap = SwapIn(self.device, model.buffer, dst, self.group_bytes)
-            else:
-                gates.swap = SwapIn(self.device, source, dst, max(self.group_bytes, PEER_GROUP_BYTES))
+        try:
+            module, gates = self._bind(model, offset)
+            deferred = defer and source is None and self.graphs is not None and self.graphs.has_cold(model, offset)
+            if not deferred:
+                dst = self.device.weights[offset:offset + model.nbytes]
+                if source is None:
+                    gates.swap = SwapIn(self.device, model.buffer, dst, self.group_bytes)
+                else:
+                    gates.swap = SwapIn(self.device, source, dst, max(self.group_bytes, PEER_GROUP_BYTES))
+        except BaseException:
+            self.arena.free(model.name)  # no region without a residency: planning looks owners up
+            raise
+        home = self._homes.get(model.name)
+        if home is None or self.graphs is None or not self.graphs.has_cold(model, home):
+            self._homes[model.name] = offset  # a home is fixed once graphs are bound to it (arena.py)
         self.stats.swap_ins += 1
         self.stats.swap_in_bytes += model.nbytes
         if source is not None:
@@ -192,7 +198,7 @@ class Executor:
 
     def _bind(self, model: HostModel, offset: int) -> tuple[nn.Module, Gates]:
         """The model's device-bound module at ``offset``. A skeleton kept from an earlier
-        swap-in is re-pointed at the new offset (layout.bind) rather than copied again from
+        swap-in is re-pointed at the new offset (layout.Binding) rather than copied again from
         the template: the copy costs tens of ms of Python for a CNN, under this executor's
         lock; the model is resident nowhere else on this device, so nothing runs the
         skeleton meanwhile (graphs captured at the old offset do not use it)."""

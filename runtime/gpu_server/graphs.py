@@ -68,8 +68,9 @@ class GraphCache:
         self.seen: Counter[Key] = Counter()
         self.uncapturable: set[Key] = set()
         # (model name, model identity, input signature) → the copy group size measured
-        # fastest for it and the timings: a model captured again at another offset takes it
-        # without measuring again (a property of the model and its link, not of the offset)
+        # fastest for it and the timings: a model captured again (its pair dropped from this
+        # cache, at the same home or at a new one) takes it without measuring again — a
+        # property of the model and its link, not of the offset
         self.chosen: dict[tuple, tuple[int, dict[int, float]]] = {}
         self.captures = 0  # successful captures since start (a pair each)
         self.capture_s = 0.0  # device time they took, s
@@ -112,9 +113,9 @@ class GraphCache:
         """Captures the warm graph of ``key`` and one cold graph per copy group size in
         ``group_sizes`` (a size >= the model's bytes is one bulk copy), times a few replays of
         each and keeps the fastest: the group size — pipelined or bulk — is chosen per
-        model, device and input shape from measurement, once: a capture of the same model
-        and inputs at another arena offset takes the chosen size and captures one cold graph
-        (no timed replays). The model must be resident and
+        model, device and input shape from measurement, once: a later capture of the same
+        model and inputs (after this cache dropped its pair) takes the chosen size and
+        captures one cold graph, with no timed replays. The model must be resident and
         landed (replaying a cold graph then rewrites the same bytes). Returns None, and never
         tries again, when the forward cannot be captured."""
         dev = self.device
