@@ -3,7 +3,8 @@ on the machine's GPUs (skipped where there is none; run on the device machine, s
 docs/faults.md):
 
 - case 8: a CUDA fault on one GPU (a model indexing out of bounds on the device: token ids
-  past its embedding, in a registration that lacks the id limits) → the caller
+  past its embedding, in a registration that lacks the id limits; eagerly, and inside a
+  CUDA graph replay) → the caller
   gets a 5xx naming the fault, the GPU is unhealthy in Redis and in ``/readyz``; that the
   other GPU keeps serving is an expected failure until each GPU has its own process;
 - case 1 on a GPU: 1,000 swap-in/evict cycles with an inference each leave NVML's used device
@@ -58,9 +59,12 @@ def wait_for(predicate, timeout_s: float = 3.0) -> bool:
     return predicate()
 
 
-def fault_device_0(redis_url: str) -> tuple[GPUServerProcess, list[np.ndarray], list[np.ndarray]]:
-    """A GPU server whose device 0 just took a device-side assert; returns it, good inputs
-    of its ``gpt2`` model and their native outputs. Checks the caller's 5xx naming the fault."""
+def fault_device_0(redis_url: str, good_runs: int = 1) -> tuple[GPUServerProcess, list[np.ndarray], list[np.ndarray]]:
+    """A GPU server whose device 0 just took a device-side assert, after ``good_runs``
+    correct requests (a graph is captured at the second request; from the third on,
+    requests replay it — the bad one too, when it comes third or later);
+    returns it, good inputs of its ``gpt2`` model and their native outputs. Checks the
+    caller's 5xx naming the fault."""
     server = GPUServerProcess(("gpt2",), devices=0, regions=0,
                               extra=("--arena-bytes", ARENA, "--redis-url", redis_url, "--node-id", "gpu-test"))
     # The server refuses ids outside a registered embedding before the run; a registration
@@ -75,7 +79,8 @@ def fault_device_0(redis_url: str) -> tuple[GPUServerProcess, list[np.ndarray], 
     good = models.inputs("gpt2")
     want = models.native(server.natives["gpt2"], good)
     client = server.client()
-    np.testing.assert_allclose(client.infer("gpt2", good, device=0)[0], want[0], rtol=1e-4, atol=1e-5)
+    for _ in range(good_runs):
+        np.testing.assert_allclose(client.infer("gpt2", good, device=0)[0], want[0], rtol=1e-4, atol=1e-5)
     bad = [np.full_like(good[0], models.TINY["gpt2"].vocab + 1000)]  # embedding rows that do not exist
     with pytest.raises(ModelError) as caught:
         client.infer("gpt2", bad, device=0)
@@ -94,6 +99,18 @@ def test_cuda_fault_marks_the_gpu_unhealthy_in_redis_and_readiness(redis_url):
         ready = requests.get(server.metrics_url + "/readyz", timeout=10)
         assert ready.status_code == 503 and not ready.json()["devices"][0]["ready"], ready.text
         assert requests.get(server.metrics_url + "/healthz", timeout=10).status_code == 200
+    finally:
+        server.stop()
+
+
+def test_cuda_fault_inside_a_graph_replay_is_a_device_fault(redis_url):
+    server, _, _ = fault_device_0(redis_url, good_runs=3)  # captured at the second, replayed at the third
+    try:
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
+        assert wait_for(lambda: r.hget("torpor:node:gpu-test:device:0", "healthy") == "0")
+        text = requests.get(server.metrics_url + "/metrics", timeout=10).text
+        runs = [line for line in text.splitlines() if line.startswith('torpor_gpu_graph_runs_total{device="0"}')]
+        assert runs and float(runs[0].split()[-1]) >= 2, runs  # the third good request and the bad one
     finally:
         server.stop()
 
