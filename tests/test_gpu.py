@@ -4,11 +4,13 @@ docs/faults.md):
 
 - case 8: a CUDA fault on one GPU (a model indexing out of bounds on the device: token ids
   past its embedding, in a registration that lacks the id limits; eagerly, and inside a
-  CUDA graph replay) → the caller
-  gets a 5xx naming the fault, the GPU is unhealthy in Redis and in ``/readyz``; that the
-  other GPU keeps serving is an expected failure until each GPU has its own process;
+  CUDA graph replay) → the caller gets a 5xx naming the fault, the GPU is unhealthy in
+  Redis and in ``/readyz``; that the other GPU keeps serving is an expected failure until
+  each GPU has its own process;
 - case 1 on a GPU: 1,000 swap-in/evict cycles with an inference each leave NVML's used device
-  memory and the server's host RSS flat within 64 MB.
+  memory and the server's host RSS flat within 64 MB;
+- the host store's buffers (store.host_buffer) are page-locked at their exact size, for
+  every GPU.
 """
 from __future__ import annotations
 
@@ -159,3 +161,17 @@ def test_thousand_swap_cycles_leave_device_and_host_memory_flat():
               f"host RSS {host0 / 2**20:.1f} -> {host1 / 2**20:.1f} MiB over {CYCLES} cycles")
     finally:
         server.stop()
+
+
+def test_host_buffers_are_page_locked_at_their_exact_size():
+    from runtime.gpu_server.store import host_buffer
+
+    nbytes = 100_000_000 + 12_345  # PyTorch's pinned allocator would take 128 MiB for it
+    buffer = host_buffer(nbytes, pin=True)
+    assert buffer.is_pinned() and buffer.untyped_storage().nbytes() == nbytes
+    buffer.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
+    for device in range(torch.cuda.device_count()):  # pinned for every device's context
+        on_device = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        on_device.copy_(buffer, non_blocking=True)
+        torch.cuda.synchronize(device)
+        assert torch.equal(on_device.cpu(), buffer)

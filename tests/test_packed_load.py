@@ -169,3 +169,31 @@ def test_a_layout_nested_too_deeply_is_a_load_error(repo):
     (Path(repo.spec("deep").path) / LAYOUT_FILE).write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ModelLoadError, match=LAYOUT_FILE):
         load(repo.spec("deep"), pin=False)
+
+
+def test_host_buffers_are_exactly_the_layouts_size_and_page_aligned(repo):
+    models.register(repo, "m", "resnet")
+    model = store_module.ModelStore(repo, pin=False).get("m")
+    # not rounded up to a power of two as PyTorch's pinned allocator would (store.host_buffer)
+    assert model.buffer.untyped_storage().nbytes() == model.layout.total_bytes
+    assert model.buffer.data_ptr() % 4096 == 0
+
+
+def test_a_dropped_model_keeps_its_host_memory_for_the_grace_period_then_frees_it(repo, monkeypatch):
+    import gc
+    import time
+    import weakref
+
+    for name in ("a", "b"):
+        models.register(repo, name, "resnet")
+    store = store_module.ModelStore(repo, pin=False)
+    monkeypatch.setattr(store_module, "RETIRE_GRACE_S", 0.3)
+    held = weakref.ref(store.get("a"))
+    store.get("b")
+    assert store.drop("a") is not None
+    gc.collect()
+    assert held() is not None  # copies issued from its buffer just before may still be reading it
+    time.sleep(0.4)
+    store.drop("b")  # any later drop releases what has served its grace
+    gc.collect()
+    assert held() is None
