@@ -50,6 +50,7 @@ class GraphPair:
     pool_bytes: int
     group_bytes: int
     cold_ms: dict[int, float]
+    host: torch.Tensor  # the host buffer its cold graph copies from: unmapped under a replay, a device fault
 
 
 class GraphCache:
@@ -143,7 +144,7 @@ class GraphCache:
         size, cold, cold_out = best
         self.chosen[(key[0], key[1], key[3])] = (size, cold_ms)
         pair = GraphPair(static, warm, warm_out, cold, cold_out, (time.perf_counter() - started) * 1e3,
-                         torch.cuda.memory_reserved(dev.torch_device) - before, size, cold_ms)
+                         torch.cuda.memory_reserved(dev.torch_device) - before, size, cold_ms, model.buffer)
         self.captures += 1
         self.capture_s += pair.capture_ms / 1e3
         self.pairs[key] = pair

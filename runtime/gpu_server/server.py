@@ -24,7 +24,7 @@ from runtime.gpu_server.metrics import ServerMetrics, link_load
 from runtime.gpu_server.node import NoHealthyDevice, Node
 from runtime.gpu_server.programs import ProgramError, ProgramRegistry
 from runtime.gpu_server.repository import ModelLoadError, Repository
-from runtime.gpu_server.store import ModelStore
+from runtime.gpu_server.store import RETIRE_GRACE_S, ModelStore
 from runtime.gpu_server.topology import bus_id, cpu_topology
 from runtime.gpu_server.topology import discover as discover_topology
 from runtime.log_format import LogSettings, configure_from_kwargs
@@ -509,7 +509,7 @@ def serve(settings: GPUServerSettings) -> None:
     torch.backends.cudnn.allow_tf32 = settings.cudnn_tf32
     devices = discover(settings.cpu_devices, settings.device_memory, settings.arena_bytes)
     store = ModelStore(Repository(settings.model_repo), pin=any(d.is_cuda for d in devices),
-                       max_loads=settings.max_loads)
+                       max_loads=settings.max_loads, retire_grace_s=settings.room_timeout_s + RETIRE_GRACE_S)
     if any(d.is_cuda for d in devices):
         props = [torch.cuda.get_device_properties(d.torch_device) for d in devices]
         topology = discover_topology([bus_id(p.pci_domain_id, p.pci_bus_id, p.pci_device_id) for p in props])

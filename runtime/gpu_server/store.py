@@ -29,9 +29,10 @@ from runtime.gpu_server.repository import (EXTRA_WEIGHTS_FILE, LAYOUT_FILE, Mode
 
 
 VERSION_CHECK_S = 1.0  # how long a loaded model is served without checking its current version, s
-# how long the store keeps a dropped model's host buffer (host_buffer), s: copies issued from
-# it just before (a prefetch of the old version) may still be reading it
-RETIRE_GRACE_S = 60.0
+# how long the store keeps a dropped model's host buffer (host_buffer) at least, s: a request
+# that took the model before the drop may still issue copies from it after waiting for device
+# room (up to the server's room timeout, which the server adds)
+RETIRE_GRACE_S = 30.0
 
 CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: pinned for every device's context, not one
 
@@ -63,7 +64,10 @@ def host_buffer(nbytes: int, pin: bool) -> torch.Tensor:
     if not registered or not tensor.is_pinned():
         if registered:
             cudart.cudaHostUnregister(tensor.data_ptr())
-        log.warning("cudaHostRegister of %d bytes failed (%s): using PyTorch's pinned allocator", nbytes, error)
+        # the failed call's error stays this loader thread's last CUDA error; loader threads
+        # launch no kernels, so no later check of theirs mistakes it for a device fault
+        reason = error if isinstance(error, Exception) else cudart.cudaGetErrorString(error)
+        log.warning("cudaHostRegister of %d bytes failed (%s): using PyTorch's pinned allocator", nbytes, reason)
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
     # not at interpreter exit: the process's pages go with it, and CUDA may be shut down by then
     weakref.finalize(array, cudart.cudaHostUnregister, tensor.data_ptr()).atexit = False
@@ -194,15 +198,23 @@ class ModelStore:
     thrash the cores and starve the server's other threads of the GIL (its liveness key
     lapsed that way on a 2×H200 node warming 200 functions with 64 loads at once).
 
+    A dropped model (a new version, unregistered) keeps its host buffer for ``retire_grace_s``
+    more: copies from it may still be in flight (page-locked memory unmapped under a DMA is a
+    device fault, not a wrong answer).
+
     Args:
         repository: where model folders live.
         pin: page-lock the host buffers (True when CUDA devices are served).
         max_loads: models loading at once at most (>= 1).
+        retire_grace_s: how long a dropped model's buffer is kept at least, s: longer than a
+            request may wait for device room after taking the model (the server passes its
+            room timeout plus :data:`RETIRE_GRACE_S`).
     """
 
-    def __init__(self, repository: Repository, pin: bool, max_loads: int = 2):
+    def __init__(self, repository: Repository, pin: bool, max_loads: int = 2, retire_grace_s: float = RETIRE_GRACE_S):
         self.repository = repository
         self.pin = pin
+        self.retire_grace_s = retire_grace_s
         # loads run on these threads only: each thread that runs CPU kernels gets an OpenMP
         # team of its own, and loads on the connection threads (one per client) exhausted
         # the threads a process may have (libgomp: Thread creation failed)
@@ -227,6 +239,7 @@ class ModelStore:
         model = self._models.get(name)
         if model is not None and time.monotonic() - self._checked.get(name, 0.0) < VERSION_CHECK_S:
             return model
+        self._release_retired()
         with self._guard:
             lock = self._locks.setdefault(name, threading.Lock())
         with lock:
@@ -273,14 +286,22 @@ class ModelStore:
 
     def drop(self, name: str) -> HostModel | None:
         """Forgets ``name``; its host memory goes with the last reference, kept at least
-        :data:`RETIRE_GRACE_S` from now."""
+        ``retire_grace_s`` from now."""
         self._failed.pop(name, None)
         self._checked.pop(name, None)
         model = self._models.pop(name, None)
-        now = time.monotonic()
-        with self._guard:
-            if model is not None:
-                self._retired.append((now + RETIRE_GRACE_S, model))
-            while self._retired and self._retired[0][0] <= now:
-                self._retired.popleft()
+        if model is not None:
+            with self._guard:
+                self._retired.append((time.monotonic() + self.retire_grace_s, model))
+        self._release_retired()
         return model
+
+    def _release_retired(self) -> None:
+        """Lets go of the dropped models whose grace is over (called on drops and on each
+        version check of a model, about once a :data:`VERSION_CHECK_S` per model in use)."""
+        now = time.monotonic()
+        released = []
+        with self._guard:
+            while self._retired and self._retired[0][0] <= now:
+                released.append(self._retired.popleft())
+        released.clear()  # outside the lock: the last reference may unregister the pages
