@@ -167,13 +167,15 @@ class GraphCache:
         return cold, cold_out
 
     def drop(self, name: str) -> None:
-        """Forgets every graph of model ``name`` (unregistered or re-registered)."""
+        """Forgets every graph of model ``name`` (unregistered or re-registered), and what was
+        counted or learnt about it."""
         for key in [k for k in self.pairs if k[0] == name]:
             del self.pairs[key]
         for key in [k for k in self.chosen if k[0] == name]:
             del self.chosen[key]
         for key in [k for k in self.seen if k[0] == name]:
             del self.seen[key]
+        self.uncapturable = {k for k in self.uncapturable if k[0] != name}
 
     def stats(self) -> dict:
         """Graph count, capture time of the graphs kept (ms), pool growth attributed to
