@@ -70,7 +70,9 @@ def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
     return max(float((x.float() - y.float()).abs().max()) for x, y in zip(a, b))
 
 
-def bench_model(name: str, node: Node, repo: Repository, reps: int, h2d: float) -> dict:
+def write_bench_model(repo: Repository, name: str) -> tuple[torch.nn.Module, list[TensorSpec]]:
+    """Builds bench model ``name`` with seed-0 random weights and writes it into ``repo``
+    (weights and spec, no validation run); returns the module and its input specs."""
     arch, config, specs = MODELS[name]
     torch.manual_seed(0)
     module = zoo.build(arch, config)
@@ -78,6 +80,11 @@ def bench_model(name: str, node: Node, repo: Repository, reps: int, h2d: float) 
     folder.mkdir(parents=True, exist_ok=True)
     save_model(module, str(folder / "model.safetensors"))
     ModelSpec(name=name, inputs=specs, architecture=arch, config=config).write(folder)
+    return module, specs
+
+
+def bench_model(name: str, node: Node, repo: Repository, reps: int, h2d: float) -> dict:
+    module, specs = write_bench_model(repo, name)
     x = inputs_of(specs)
 
     def naive():

@@ -17,33 +17,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_model
 
-from runtime.gpu_server import zoo
 from runtime.gpu_server.graphs import flatten
-from runtime.gpu_server.repository import ModelSpec, Repository
+from runtime.gpu_server.repository import Repository
 from runtime.gpu_server.store import ModelStore
 
-from models import MODELS  # bench/models.py: python puts bench/ on sys.path
-from swap import inputs_of
+from swap import inputs_of, max_diff, timed, write_bench_model  # bench/swap.py: python puts bench/ on sys.path
 
 
 def median_ms(fn, reps: int, stream: torch.cuda.Stream) -> float:
     """Median wall time of ``fn()`` followed by a synchronisation of ``stream``, ms."""
-    times = []
-    for _ in range(reps):
-        stream.synchronize()
-        started = time.perf_counter()
-        fn()
-        stream.synchronize()
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
+    stream.synchronize()
+    return timed(lambda: (fn(), stream.synchronize()), reps)
 
 
 def eager_and_graph(module: torch.nn.Module, inputs: list[torch.Tensor], reps: int) -> tuple[float, float, list]:
@@ -68,14 +57,9 @@ def eager_and_graph(module: torch.nn.Module, inputs: list[torch.Tensor], reps: i
 
 
 def bench_model(name: str, root: Path, reps: int) -> dict:
-    arch, config, specs = MODELS[name]
-    torch.manual_seed(0)
-    module = zoo.build(arch, config).eval()
     repo = Repository(root / "models")
-    folder = repo.folder(name)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_model(module, str(folder / "model.safetensors"))
-    ModelSpec(name=name, inputs=specs, architecture=arch, config=config).write(folder)
+    module, specs = write_bench_model(repo, name)
+    module.eval()
     hm = ModelStore(repo, pin=True).get(name)
     x = inputs_of(specs)
     with torch.inference_mode():
@@ -86,7 +70,7 @@ def bench_model(name: str, root: Path, reps: int) -> dict:
         arena.copy_(hm.buffer)
         bound = hm.instantiate(arena).eval()
         eager_arena, graph_arena, out_arena = eager_and_graph(bound, x, reps)
-    diff = max(float((a.float() - b.float()).abs().max()) for a, b in zip(out_own, out_arena))
+    diff = max_diff(out_own, out_arena)
     del bound, arena
     torch.cuda.empty_cache()
     return {"bytes": hm.nbytes, "eager_own_ms": eager_own, "graph_own_ms": graph_own, "eager_arena_ms": eager_arena,

@@ -909,7 +909,7 @@ def test_a_swap_in_that_fails_to_bind_leaves_no_region_behind(repo, monkeypatch)
     node = make_node(repo, devices=1, regions=1)
     ex = node.executors[0]
     model = node.store.get("a")
-    monkeypatch.setattr(type(model), "instantiate", lambda self, weights: (_ for _ in ()).throw(MemoryError("host")))
+    monkeypatch.setattr(type(model), "bound", lambda self, weights: (_ for _ in ()).throw(MemoryError("host")))
     with pytest.raises(MemoryError):
         ex.acquire(model, timeout_s=1.0)
     assert ex.arena.used == 0 and not ex.resident

@@ -331,6 +331,11 @@ def test_concurrent_uploads_register_once(server):
     ({"inputs": [{"name": "x", "dtype": "bfloat16", "shape": [2, 4]}]}, 400, "bad_request", "dtype"),
     ({"inputs": [{"name": "x", "dtype": "float32", "shape": [2, None]}]}, 400, "bad_request", "static shape"),
     ({"inputs": [{"name": "x", "dtype": "float32", "shape": [5, 4]}]}, 502, "model_load_failed", "does not run"),
+    # registration would allocate an example of each declared input: the limits of every registration
+    ({"inputs": [{"name": "x", "dtype": "float32", "shape": [1 << 20, 1 << 20]}]}, 400, "bad_request",
+     "more than 2147483648 elements"),
+    ({"inputs": [{"name": "x", "dtype": "float32", "shape": [2, 4]}, {"name": "x", "dtype": "float32", "shape": [2, 4]}]},
+     400, "bad_request", "input names repeat"),
     ({"payload": b"PK" + b"\0" * 100}, 400, "unsafe_program", "not a torch.export archive"),
 ])
 def test_malformed_registrations_are_refused(client, server, change, status, code, words):

@@ -61,7 +61,7 @@ class _Bound:
     offset: int
     module: nn.Module
     gates: Gates
-    binding: Binding | None = None  # found on its first move to another offset
+    binding: Binding
 
 
 @dataclass
@@ -206,14 +206,12 @@ class Executor:
         if cached is not None and cached.model is model:
             self._bound.move_to_end(model.name)
             if cached.offset != offset:
-                if cached.binding is None:
-                    cached.binding = Binding(cached.module, model.layout)
                 cached.binding.to(self.device.weights[offset:offset + model.nbytes])
                 cached.offset = offset
             return cached.module, cached.gates
-        module = model.instantiate(self.device.weights[offset:offset + model.nbytes])
+        module, binding = model.bound(self.device.weights[offset:offset + model.nbytes])
         gates = Gates(module, model.layout.first_use_end)
-        self._bound[model.name] = _Bound(model, offset, module, gates)
+        self._bound[model.name] = _Bound(model, offset, module, gates, binding)
         while len(self._bound) > BOUND_CACHE:
             self._bound.popitem(last=False)
         return module, gates

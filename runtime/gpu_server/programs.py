@@ -15,7 +15,8 @@ import threading
 from pathlib import Path
 
 from runtime.gpu_server.program_check import UnsafeProgram, check_program
-from runtime.gpu_server.repository import ModelLoadError, ModelSpec, Repository, TensorSpec
+from runtime.gpu_server.protocol import is_int
+from runtime.gpu_server.repository import ModelLoadError, ModelSpec, Repository, TensorSpec, check_inputs
 
 PROGRAM_FILE = "model.pt2"
 DIGEST = re.compile(r"[0-9a-f]{64}")
@@ -45,11 +46,15 @@ def parse_inputs(raw) -> list[TensorSpec]:
         ok = (isinstance(entry, dict) and set(entry) == {"name", "dtype", "shape"}
               and isinstance(entry["name"], str) and entry["dtype"] in INPUT_DTYPES
               and isinstance(entry["shape"], list)
-              and all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in entry["shape"]))
+              and all(is_int(d) and d > 0 for d in entry["shape"]))
         if not ok:
             raise ProgramError(400, "bad_request", f"input {str(entry)[:200]} must be {{name, dtype, shape}} with dtype "
                                f"one of {', '.join(INPUT_DTYPES)} and a static shape of positive integers")
         specs.append(TensorSpec(entry["name"], entry["dtype"], list(entry["shape"])))
+    try:
+        check_inputs(specs)
+    except ValueError as exc:
+        raise ProgramError(400, "bad_request", str(exc)) from None
     return specs
 
 

@@ -104,10 +104,8 @@ class _FrameClock:
             raise TimeoutError(f"the rest of the frame did not come within {self.timeout_s:g} s")
 
 
-def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None, clock: _FrameClock | None = None,
-                view: memoryview | None = None) -> bytearray:
-    """``n`` bytes from ``sock`` (into ``view`` when given); with ``fds`` the descriptors
-    that came with them are appended to it (without, the kernel discards any: a peer cannot
+def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None, clock: _FrameClock | None = None) -> bytearray:
+    """``n`` bytes from ``sock``; with ``fds`` the descriptors that came with them are appended to it (without, the kernel discards any: a peer cannot
     leak them into us); with ``clock``, all of them by the frame's deadline once its first
     byte came.
 
@@ -115,8 +113,8 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None, clock
         ConnectionError: the peer closed the connection.
         TimeoutError: the frame's deadline passed.
     """
-    buf = bytearray(n) if view is None else None
-    view = memoryview(buf) if view is None else view
+    buf = bytearray(n)
+    view = memoryview(buf)
     got = 0
     while got < n:
         flags = socket.MSG_DONTWAIT if clock is not None and clock.deadline is not None else 0
@@ -140,7 +138,7 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None, clock
         if clock is not None and clock.deadline is None:
             clock.deadline = time.monotonic() + clock.timeout_s
         got += k
-    return buf if buf is not None else bytearray(view)
+    return buf
 
 
 def send(sock: socket.socket, header: dict, payload: bytes | memoryview = b"", fds: tuple[int, ...] = ()) -> None:
@@ -183,12 +181,7 @@ def recv(sock: socket.socket, max_payload: int, fds: list[int] | None = None,
             or more than :data:`MAX_FDS` descriptors.
     """
     clock = _FrameClock(frame_timeout_s) if frame_timeout_s is not None else None
-    return _recv_rest(sock, _recv_exact(sock, _LEN.size, fds, clock), max_payload, fds, clock)
-
-
-def _recv_rest(sock: socket.socket, prefix: bytearray, max_payload: int, fds: list[int] | None,
-               clock: _FrameClock | None) -> tuple[dict, bytes]:
-    (n,) = _LEN.unpack(prefix)
+    (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size, fds, clock))
     if n > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {n} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
     try:
@@ -200,7 +193,7 @@ def _recv_rest(sock: socket.socket, prefix: bytearray, max_payload: int, fds: li
     if not isinstance(header, dict):
         raise ProtocolError("header is not a JSON object")
     size = header.get("payload", 0)
-    if not _is_int(size) or size < 0:
+    if not is_int(size) or size < 0:
         raise ProtocolError(f"field 'payload' must be a non-negative integer, not {size!r}")
     if size > max_payload:
         raise ProtocolError(f"payload of {size} bytes exceeds the limit of {max_payload} bytes")
@@ -327,7 +320,8 @@ def write(buf: memoryview, entries: list[dict], arrays: list[np.ndarray]) -> Non
         np.frombuffer(buf, dtype=np.uint8, count=e["nbytes"], offset=e["offset"])[:] = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """Whether a decoded JSON value is an integer (``true`` and ``false`` are not)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -344,8 +338,8 @@ def read(buf: memoryview | bytes, entries: list[dict], copy: bool) -> list[np.nd
             shape, offset, nbytes = e["shape"], e["offset"], e["nbytes"]
         except (KeyError, TypeError, ValueError) as exc:
             raise ProtocolError(f"bad tensor description {e!r}: {exc}") from None
-        if not isinstance(shape, list) or not all(_is_int(d) for d in shape) or not _is_int(offset) \
-                or not _is_int(nbytes):
+        if not isinstance(shape, list) or not all(is_int(d) for d in shape) or not is_int(offset) \
+                or not is_int(nbytes):
             raise ProtocolError(f"bad tensor description {e!r}: shape must be a list of integers, offset and "
                                 "nbytes integers")
         shape = tuple(shape)

@@ -112,6 +112,23 @@ class TensorSpec:
         return torch.ones(shape, dtype=dtype)
 
 
+def check_inputs(inputs: list[TensorSpec]) -> None:
+    """The rules every registration's declared inputs follow, whoever registers (the CLI, an
+    uploaded program): distinct names, and at most :data:`MAX_EXAMPLE_ELEMENTS` elements each,
+    since registration allocates an example of each and runs the model on it.
+
+    Raises:
+        ValueError: naming the input that breaks a rule.
+    """
+    names = [i.name for i in inputs]
+    if len(set(names)) != len(names):
+        raise ValueError(f"input names repeat: {', '.join(names)}")
+    for i in inputs:
+        if math.prod(EXAMPLE_DYNAMIC_DIM if d is None else d for d in i.shape) > MAX_EXAMPLE_ELEMENTS:
+            raise ValueError(f"input {i.name} has more than {MAX_EXAMPLE_ELEMENTS} elements; registration runs the "
+                             "model once on an input of this shape")
+
+
 @dataclass
 class ModelSpec:
     """The content of ``model.json`` plus where it lives."""
@@ -323,6 +340,10 @@ class Repository:
             ModelLoadError: invalid name, or the model does not build, load or run.
         """
         self.folder(spec.name)
+        try:
+            check_inputs(spec.inputs)
+        except ValueError as exc:
+            raise ModelLoadError(f"model {spec.name}: {exc}") from None
         stage = self.root / STAGING / f"{spec.name}-{uuid.uuid4().hex}"
         stage.mkdir(parents=True)
         try:
@@ -453,9 +474,6 @@ def parse_input(text: str) -> TensorSpec:
         raise click.BadParameter(f"{text!r}: unknown dtype {dtype!r} (one of {', '.join(DTYPES)})", param_hint="--input")
     if any(d is not None and d < 1 for d in spec.shape):
         raise click.BadParameter(f"{text!r}: dimensions must be positive (or ? for a dynamic one)", param_hint="--input")
-    if math.prod(EXAMPLE_DYNAMIC_DIM if d is None else d for d in spec.shape) > MAX_EXAMPLE_ELEMENTS:
-        raise click.BadParameter(f"{text!r}: more than {MAX_EXAMPLE_ELEMENTS} elements; registration runs the "
-                                 "model once on an input of this shape", param_hint="--input")
     return spec
 
 
@@ -501,10 +519,12 @@ def command() -> None:
 def register_command(name, architecture, config_json, weights, fmt, inputs, **kwargs) -> None:
     """Validate a model and add it to the repository as NAME."""
     settings = from_kwargs(RepositorySettings, kwargs)
-    names = [i.split(":", 1)[0] for i in inputs]
-    if len(set(names)) != len(names):
-        raise click.BadParameter(f"input names repeat: {', '.join(names)}", param_hint="--input")
-    spec = ModelSpec(name=name, inputs=[parse_input(i) for i in inputs], format=fmt, architecture=architecture,
+    specs = [parse_input(i) for i in inputs]
+    try:
+        check_inputs(specs)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--input") from None
+    spec = ModelSpec(name=name, inputs=specs, format=fmt, architecture=architecture,
                      config=parse_config(config_json),
                      weights=Path(weights).name if fmt != "safetensors" else "model.safetensors")
     try:

@@ -181,7 +181,7 @@ class Service:
     def _hint(self, header: dict) -> int | None:
         hint = header.get("device")
         devices = len(self.node.executors)
-        if hint is not None and (not isinstance(hint, int) or isinstance(hint, bool) or not 0 <= hint < devices):
+        if hint is not None and (not protocol.is_int(hint) or not 0 <= hint < devices):
             raise RequestError(400, "bad_request", f"field 'device' must be a device index from 0 to {devices - 1}")
         return hint
 

@@ -23,7 +23,7 @@ from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from runtime.gpu_server import zoo
-from runtime.gpu_server.layout import ALIGNMENT, Layout, bind, named_weights, pack, trace_layout
+from runtime.gpu_server.layout import ALIGNMENT, Binding, Layout, bind, named_weights, pack, trace_layout
 from runtime.gpu_server.repository import (EXTRA_WEIGHTS_FILE, LAYOUT_FILE, ModelLoadError, ModelSpec, Repository,
                                            VersionGone, build)
 
@@ -102,9 +102,13 @@ class HostModel:
 
     def instantiate(self, weights: torch.Tensor) -> nn.Module:
         """A runnable module whose weights are views of the flat uint8 ``weights``."""
+        return self.bound(weights)[0]
+
+    def bound(self, weights: torch.Tensor) -> tuple[nn.Module, Binding]:
+        """:meth:`instantiate`, with the module's :class:`Binding` to point it at other bytes
+        of the same layout later without looking its weights up again."""
         module = copy.deepcopy(self.template)
-        bind(module, self.layout, weights)
-        return module
+        return module, bind(module, self.layout, weights)
 
 
 def load(spec: ModelSpec, pin: bool) -> HostModel:
@@ -227,7 +231,7 @@ class ModelStore:
         self.on_replaced: Callable[[str], None] | None = None
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
-        self._retired: deque[tuple[float, HostModel]] = deque()  # dropped models, kept RETIRE_GRACE_S
+        self._retired: deque[tuple[float, HostModel]] = deque()  # dropped models, kept retire_grace_s
 
     def get(self, name: str) -> HostModel:
         """The loaded model ``name``, loading it if needed.

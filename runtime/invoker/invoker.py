@@ -407,7 +407,7 @@ class Invoker:
             return True
         return self._gpu_outages != outages_before
 
-    def _after_gpu_loss(self, msg: dict, outcome: Outcome, raw: bytes | None) -> Outcome:
+    def _after_gpu_loss(self, msg: dict, outcome: Outcome, raw: bytes) -> Outcome:
         """An activation that failed because the GPU server went away: dispatched once more
         (to a node that is alive, which this one is not while its GPU server is down), else
         ended as a whisk internal error saying so.
@@ -419,7 +419,7 @@ class Invoker:
         if attempt < 2:
             try:
                 node = self._picker.dispatch({**msg, "attempt": attempt + 1},
-                                             moved_from=(self.inflight_key, raw) if raw is not None else None)
+                                             moved_from=(self.inflight_key, raw))
             except AlreadyMoved:  # the controller's dead-node pass moved it meanwhile
                 raise _Redispatched() from None
             if node is not None:
@@ -563,7 +563,7 @@ class Invoker:
             pipe.execute()
         log.info("re-queued activation %s (attempt %s)", msg["activationId"], msg.get("attempt"))
 
-    def run_activation(self, msg: dict, raw: bytes | None = None) -> dict:
+    def run_activation(self, msg: dict, raw: bytes) -> dict:
         """Runs one activation message (``docs/architecture.md``) and returns its final record.
         ``raw``: the message as taken from the in-flight list, where a re-dispatch removes it.
 
