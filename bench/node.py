@@ -97,8 +97,9 @@ class NodeRunSettings:
     minutes: int = setting(3, "TORPOR_NODE_RUN_MINUTES", "trace minutes replayed in real time", "min")
     seed: int = setting(0, "TORPOR_NODE_RUN_SEED", "seed of the schedule and the model draw (as torpor simulate)")
     policy: str = setting("torpor", "TORPOR_NODE_RUN_POLICY", "GPU server policy: torpor, lru, random, fifo")
-    profiles: str = setting("bench/results/nvidia-h200-swap-tf32.json", "TORPOR_NODE_RUN_PROFILES",
-                            "bench/swap.py result: the model set and each model's served warm time")
+    profiles: str = setting("bench/results/nvidia-h200-swap.json", "TORPOR_NODE_RUN_PROFILES",
+                            "bench/swap.py result: the model set and each model's served warm time (measured "
+                            "without cuDNN TF32, as the GPU server runs by default)")
     models: str = setting(",".join(CNNS), "TORPOR_NODE_RUN_MODELS", "models of the profiles that functions draw from")
     arena_gb: float = setting(4.0, "TORPOR_NODE_RUN_ARENA_GB", "weight arena of each device", "GB")
     cpu_devices: int = setting(0, "TORPOR_NODE_RUN_CPU_DEVICES", "serve on this many CPU devices (0: the GPUs)")
@@ -325,6 +326,11 @@ def run(s: NodeRunSettings) -> dict[str, Any]:
         report = replay(invoke, loads, arrivals, 1.0, s.concurrency, s.progress)
         after = scrape(stack.gpu_metrics_url)
     by_path = delta(after, before, "torpor_gpu_request_duration_seconds_count", "path")
+    # swap-ins by path count the invoker's prefetches too: most swap-ins start there, and the
+    # request then finds its model resident (by_path["resident"])
+    swap_ins = delta(after, before, "torpor_gpu_swap_ins_total", "path")
+    served = {key: sum(delta(after, before, f"torpor_gpu_{key}", "model").values())
+              for key in ("request_wait_seconds_sum", "execution_duration_seconds_sum", "request_duration_seconds_count")}
     busy = delta(after, before, "torpor_gpu_execution_duration_seconds_sum", "device")
     graphs = {key: sum(delta(after, before, f"torpor_gpu_{key}_total", "device").values())
               for key in ("runs", "graph_runs", "graph_captures", "graph_capture_seconds")}
@@ -337,8 +343,10 @@ def run(s: NodeRunSettings) -> dict[str, Any]:
         "slo_attainment": head["slo_attainment"], "p50_ms": head["p50_ms"], "p98_ms": head["p98_ms"],
         "p99_ms": head["p99_ms"],
         "gpu_load_cov": round(float(loads_s.std() / loads_s.mean()), 4) if loads_s.mean() > 0 else 0.0,
-        "swap_ins_pcie": int(round(by_path.get("pcie", 0))), "swap_ins_nvlink": int(round(by_path.get("nvlink", 0))),
+        "swap_ins_pcie": int(round(swap_ins.get("pcie", 0))), "swap_ins_nvlink": int(round(swap_ins.get("nvlink", 0))),
         "resident_hits": int(round(by_path.get("resident", 0))),
+        "server_wait_ms_mean": round(1e3 * served["request_wait_seconds_sum"] / max(served["request_duration_seconds_count"], 1), 3),
+        "server_run_ms_mean": round(1e3 * served["execution_duration_seconds_sum"] / max(served["request_duration_seconds_count"], 1), 3),
         "runs": int(graphs["runs"]), "graph_runs": int(graphs["graph_runs"]),
         "graph_captures": int(graphs["graph_captures"]), "graph_capture_s": round(graphs["graph_capture_seconds"], 2),
         "request_overhead_ms": round(overhead_ms, 3),

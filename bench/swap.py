@@ -161,6 +161,10 @@ def bench_model(name: str, node: Node, repo: Repository, reps: int, h2d: float) 
     return {"capture_ms": sum(p.capture_ms for p in pairs), "graph_pool_bytes": sum(p.pool_bytes for p in pairs),
             "cold_group_bytes": pairs[0].group_bytes if pairs else None,
             "cold_graph_ms_by_group": {str(k): v for k, v in pairs[0].cold_ms.items()} if pairs else None,
+            # what the executor measured at capture, and whether warm runs replay the graph
+            "capture_eager_ms": pairs[0].eager_ms if pairs else None,
+            "warm_graph_ms": pairs[0].warm_ms if pairs else None,
+            "warm_runs_graph": pairs[0].warm_beats_eager if pairs else None,
             "bytes": hm.nbytes, "bound_ms": hm.nbytes / h2d / 1e6, "native_warm_ms": native_ms,
             "native_warm_device_ms": native_device_ms,
             "served_warm_ms": warm_ms, "naive_ms": naive_ms, "cold_pcie_ms": cold_ms, "cold_nvlink_ms": nvlink_ms,

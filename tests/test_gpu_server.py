@@ -110,7 +110,7 @@ def test_a_model_in_use_is_never_evicted(repo):
     time.sleep(0.3)
     assert waiter.is_alive() and ex.is_resident("a")  # still waiting for the room
     arrays = models.inputs("resnet")
-    models.assert_same([o.numpy() for o in ex.run(held, [torch.from_numpy(x) for x in arrays])],
+    models.assert_same([o.numpy() for o in ex.run(held, [torch.from_numpy(x) for x in arrays])[0]],
                        models.native(natives["a"], arrays))
     ex.release(held)
     waiter.join(5.0)

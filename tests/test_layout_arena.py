@@ -253,6 +253,18 @@ def test_a_sticky_home_beats_the_cheapest_window_only_when_room_must_be_made():
     assert full.plan(20, lambda o: True, prices, home=50, sticky_home=True) == (0, ["x"])
 
 
+def test_home_first_takes_the_home_while_free_gaps_exist():
+    arena = filled(100, [("x", 0, 20), ("y", 20, 20)])
+    prices = priced({"x": 1, "y": 5})
+    assert arena.plan(20, lambda o: True, prices, home=20, sticky_home=True, home_first=True) == (20, ["y"])
+    # a home holding a model in use, or one that must never be evicted: a free gap, no victim
+    assert arena.plan(20, lambda o: o != "y", prices, home=20, sticky_home=True, home_first=True) == (40, [])
+    assert arena.plan(20, lambda o: True, priced({"x": 1, "y": float("inf")}), home=20, sticky_home=True,
+                      home_first=True) == (40, [])
+    # a free home needs no eviction either way
+    assert arena.plan(20, lambda o: True, prices, home=60, home_first=True) == (60, [])
+
+
 def test_model_larger_than_the_arena_is_refused():
     arena = Arena(105, 10)
     assert arena.capacity == 100

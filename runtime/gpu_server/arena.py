@@ -14,8 +14,14 @@ free gap fits and room must be made, the model goes back home whenever the model
 window are idle and evictable, rather than to the window the eviction policy prices lowest,
 since a graph replay costs a fraction of the eager run a new address needs (and of a
 capture, ~0.1–1 s of the device). Models whose homes overlap then evict each other when the
-arena is full; while free room exists nobody is evicted for a home. Elsewhere (CPU devices)
-addresses do not matter and the eviction policy alone picks the window.
+arena is full. While free room exists, a model is evicted for another's home only when that
+other's graphs are there and its cold graph (copies and kernels) beats its eager run
+(``home_first``; the executor decides from the times measured at capture): a model placed in
+a free gap elsewhere is a guest, and runs eagerly for as long as it stays resident. In the
+1×H200 node run of 100 CNN functions a third of the runs were such guests' eager runs, 2–5×
+slower than the graph runs (bench/README.md), while a cold-graph swap-in of those models takes
+about its transfer time (1–4.4 ms). Elsewhere (CPU devices) addresses do not matter and the
+eviction policy alone picks the window.
 """
 from __future__ import annotations
 
@@ -81,7 +87,7 @@ class Arena:
         return out
 
     def plan(self, nbytes: int, evictable: Callable[[str], bool], cost: Callable[[list[str]], float],
-             home: int | None = None, sticky_home: bool = False) -> tuple[int, list[str]]:
+             home: int | None = None, sticky_home: bool = False, home_first: bool = False) -> tuple[int, list[str]]:
         """Where ``nbytes`` would go and which owners must be evicted first.
 
         Args:
@@ -91,6 +97,7 @@ class Arena:
             home: the model's home offset, taken when free and on ties.
             sticky_home: when no free gap fits, take the home whenever its window holds no
                 model in use and none whose eviction costs infinity (module docstring).
+            home_first: take the home on those terms even while a free gap fits elsewhere.
 
         Returns:
             ``(offset, victims)``; victims is empty when a free gap fits.
@@ -105,10 +112,15 @@ class Arena:
         covered = [r.owner for r in self.regions if r.offset < home + size and r.end > home] if home_fits else []
         if home_fits and not covered:
             return home, []
+
+        def home_free_to_take() -> bool:
+            return home_fits and all(evictable(o) for o in covered) and cost(covered) != float("inf")
+        if home_first and home_free_to_take():
+            return home, covered
         fits = [off for off, gap in self.gaps() if gap >= size]
         if fits:
             return fits[0], []
-        if home_fits and sticky_home and all(evictable(o) for o in covered) and cost(covered) != float("inf"):
+        if sticky_home and home_free_to_take():
             return home, covered
         best: tuple[float, int, list[str]] | None = None
         # the home goes first so that it wins ties

@@ -64,6 +64,17 @@ class _Bound:
     binding: Binding
 
 
+@dataclass(frozen=True)
+class RunTimes:
+    """Where one run's time went, in ms: waiting for the device's run lock (runs ahead of it
+    on this device), and the run itself (issue, waits for weights still landing, kernels,
+    outputs to the host); ``graph``: replayed from a CUDA graph rather than run eagerly."""
+
+    queue_ms: float
+    run_ms: float
+    graph: bool
+
+
 @dataclass
 class ExecutorStats:
     swap_ins: int = 0
@@ -105,6 +116,7 @@ class Executor:
         self._run_lock = threading.Lock()
         self._homes: dict[str, int] = {}
         self._bound: OrderedDict[str, _Bound] = OrderedDict()
+        self._fault_leftovers: list = []  # outputs of failed runs, kept alive (run)
 
     def is_resident(self, name: str) -> bool:
         return name in self.resident
@@ -166,9 +178,11 @@ class Executor:
             if not priced:
                 priced.append(self._eviction_cost(self))
             return priced[0](owners)
+        home = self._homes.get(model.name)
         offset, victims = self.arena.plan(
-            model.nbytes, evictable=lambda o: self.resident[o].in_use == 0, cost=cost, home=self._homes.get(model.name),
-            sticky_home=self.graphs is not None)
+            model.nbytes, evictable=lambda o: self.resident[o].in_use == 0, cost=cost, home=home,
+            sticky_home=self.graphs is not None,
+            home_first=home is not None and self.graphs is not None and self.graphs.cold_beats_eager(model, home))
         for victim in victims:
             self._evict(victim)
         region = self.arena.place(model.name, offset, model.nbytes)
@@ -262,15 +276,19 @@ class Executor:
             if self.graphs:
                 self.graphs.drop(name)
 
-    def run(self, res: Residency, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+    def run(self, res: Residency, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], RunTimes]:
         """Runs the resident model on CPU ``inputs``; returns its outputs as CPU tensors
-        (page-locked on CUDA devices: Device.to_host).
+        (page-locked on CUDA devices: Device.to_host) and where the time went.
 
         Raises:
             DeviceFault: the device failed (the executor is then marked unhealthy).
             Exception: whatever the model raises for these inputs.
         """
+        queued = time.perf_counter()
         with self._run_lock:
+            started = time.perf_counter()
+            graph_runs = self.stats.graph_runs
+            outputs = None
             try:
                 with torch.inference_mode(), self.device.computing():
                     outputs = self.device.to_host(self._run(res, inputs))
@@ -278,11 +296,19 @@ class Executor:
             except torch.AcceleratorError as exc:
                 self.healthy = False
                 self.fault = f"{type(exc).__name__}: {exc}"
+                # Page-locked tensors from PyTorch's host allocator are never freed after a
+                # sticky CUDA error: the allocator asks the stream for its capture status on
+                # free, gets the error and throws from a destructor, which aborts the process
+                # (seen on H200 when the fault surfaced in a graph replay's output copy); the
+                # exception keeps the frames of a copy that failed half-way alive too
+                self._fault_leftovers.append((outputs, exc))
                 raise DeviceFault(f"device {self.device.index} failed: {self.fault}") from exc
             finally:
                 res.gates.settle()
             self.stats.runs += 1
-        return outputs
+            graph = self.stats.graph_runs > graph_runs
+        ended = time.perf_counter()
+        return outputs, RunTimes((started - queued) * 1e3, (ended - started) * 1e3, graph)
 
     def _run(self, res: Residency, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Issues the run; returns its outputs on the device, not waited for."""
@@ -294,11 +320,12 @@ class Executor:
                 self.stats.graph_runs += 1
                 return self.graphs.replay(pair, inputs, cold=True)
             res.gates.swap = SwapIn(self.device, res.model.buffer, self.region_bytes(res), self.group_bytes)
-        elif pair is not None:
+        elif pair is not None and pair.warm_beats_eager:
             if res.gates.swap is not None:  # a prefetch still landing: the stream waits for all of it
                 res.gates.swap.wait_all()
             self.stats.graph_runs += 1
             return self.graphs.replay(pair, inputs, cold=False)
+        started = time.perf_counter()
         args = [t.to(self.device.torch_device, non_blocking=True) for t in inputs]
         outputs = flatten(res.module(*args))
         # graphs are captured at the model's home only: elsewhere it is a guest until evicted.
@@ -307,8 +334,9 @@ class Executor:
         if key and res.region.offset == self._homes.get(res.model.name) and self.graphs.note_eager(key) \
                 and res.gates.swap is None:
             self.device.synchronize()
+            eager_ms = (time.perf_counter() - started) * 1e3
             with self._cond:  # no swap-in may put copies on the copy stream while a capture forks it
-                self.graphs.capture(key, res.module, res.gates, res.model, res.region.offset, inputs)
+                self.graphs.capture(key, res.module, res.gates, res.model, res.region.offset, inputs, eager_ms)
         return outputs
 
     def snapshot(self) -> dict:

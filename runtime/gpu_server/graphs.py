@@ -50,6 +50,15 @@ class GraphPair:
     pool_bytes: int
     group_bytes: int
     cold_ms: dict[int, float]
+    eager_ms: float  # the eager run just before the capture, inputs to outputs on the device
+    warm_ms: float  # median replay of the warm graph
+
+    @property
+    def warm_beats_eager(self) -> bool:
+        """Whether warm runs should replay the graph: a model whose kernels are long enough
+        to hide Python's launches gains nothing from a graph and may lose (BERT-large on H200:
+        13.86 ms as a graph, 13.63 ms eager; bench/results/nvidia-h200-warm-gap.json)."""
+        return self.warm_ms <= self.eager_ms
     host: torch.Tensor  # the host buffer its cold graph copies from: unmapped under a replay, a device fault
 
 
@@ -91,6 +100,13 @@ class GraphCache:
         """Whether some input signature of ``model`` at ``offset`` has a cold graph."""
         return any(k[1] == id(model) and k[2] == offset for k in self.pairs)
 
+    def cold_beats_eager(self, model, offset: int) -> bool:
+        """Whether some cold graph of ``model`` at ``offset`` (its copies and kernels) replayed
+        faster than the eager run before its capture: then a swap-in back to ``offset`` beats
+        running resident elsewhere, eagerly (arena.py, ``home_first``)."""
+        return any(k[1] == id(model) and k[2] == offset and p.cold_ms[p.group_bytes] <= p.eager_ms
+                   for k, p in self.pairs.items())
+
     def cold_for(self, model, offset: int, inputs: list[torch.Tensor]) -> GraphPair | None:
         return self.get(self.key(model, offset, inputs))
 
@@ -109,14 +125,16 @@ class GraphCache:
         self.seen[key] += 1
         return self.seen[key] >= 2
 
-    def capture(self, key: Key, module, gates, model, offset: int, inputs: list[torch.Tensor],
+    def capture(self, key: Key, module, gates, model, offset: int, inputs: list[torch.Tensor], eager_ms: float,
                 group_sizes: tuple[int, ...] = GROUP_CANDIDATES) -> GraphPair | None:
         """Captures the warm graph of ``key`` and one cold graph per copy group size in
         ``group_sizes`` (a size >= the model's bytes is one bulk copy), times a few replays of
         each and keeps the fastest: the group size — pipelined or bulk — is chosen per
         model, device and input shape from measurement, once: a later capture of the same
         model and inputs (after this cache dropped its pair) takes the chosen size and
-        captures one cold graph, with no timed replays. The model must be resident and
+        captures one cold graph, with no timed replays. ``eager_ms`` is the eager run that
+        preceded the capture, kept for :meth:`cold_beats_eager` and set beside the warm
+        graph's own replay time (:attr:`GraphPair.warm_beats_eager`). The model must be resident and
         landed (replaying a cold graph then rewrites the same bytes). Returns None, and never
         tries again, when the forward cannot be captured."""
         dev = self.device
@@ -129,6 +147,7 @@ class GraphCache:
             warm = torch.cuda.CUDAGraph()
             with torch.cuda.graph(warm, pool=self.pool, stream=dev.compute_stream, capture_error_mode="thread_local"):
                 warm_out = flatten(module(*static))
+            warm_ms = _median_replay_ms(warm, dev)
             best = None
             cold_ms = dict(known[1]) if known else {}
             for size in sizes:
@@ -144,7 +163,8 @@ class GraphCache:
         size, cold, cold_out = best
         self.chosen[(key[0], key[1], key[3])] = (size, cold_ms)
         pair = GraphPair(static, warm, warm_out, cold, cold_out, (time.perf_counter() - started) * 1e3,
-                         torch.cuda.memory_reserved(dev.torch_device) - before, size, cold_ms, model.buffer)
+                         torch.cuda.memory_reserved(dev.torch_device) - before, size, cold_ms, eager_ms, warm_ms,
+                         model.buffer)
         self.captures += 1
         self.capture_s += pair.capture_ms / 1e3
         self.pairs[key] = pair

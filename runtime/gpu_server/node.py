@@ -149,7 +149,8 @@ class Node:
 
         Returns:
             (outputs as CPU tensors, {"device", "swap_in" (bool), "path" (resident, pcie,
-            nvlink), "run_ms"}).
+            nvlink), "run_ms" (the run), "queue_ms" (waiting for runs ahead of it on the
+            device), "graph" (bool: replayed from a CUDA graph)}).
 
         Raises:
             KeyError, ModelLoadError (store), NoHealthyDevice, NoRoom, DeviceFault, and what
@@ -160,13 +161,12 @@ class Node:
         try:
             res, swapped, pinned = self._acquire(ex, source, model, timeout_s)
             try:
-                started = time.perf_counter()
-                outputs = ex.run(res, inputs)
-                run_ms = (time.perf_counter() - started) * 1e3
+                outputs, times = ex.run(res, inputs)
                 if not swapped:
-                    self.predictor.observe(name, ex.device.name, run_ms)
+                    self.predictor.observe(name, ex.device.name, times.run_ms)
                 path = "resident" if not swapped else "nvlink" if pinned else "pcie"
-                return outputs, {"device": ex.device.index, "swap_in": swapped, "path": path, "run_ms": run_ms}
+                return outputs, {"device": ex.device.index, "swap_in": swapped, "path": path, "run_ms": times.run_ms,
+                                 "queue_ms": times.queue_ms, "graph": times.graph}
             finally:
                 ex.release(res)
                 if pinned:
