@@ -165,6 +165,26 @@ def test_bind_runs_a_meta_template_on_a_flat_buffer(kind):
         assert runnable.model.lm_head.weight.data_ptr() == runnable.model.transformer.wte.weight.data_ptr()
 
 
+@pytest.mark.parametrize("kind", models.SMALL)
+def test_a_binding_moves_its_weights_to_another_buffer_in_place(kind):
+    module, layout = layout_of(kind)
+    runnable = copy.deepcopy(module).to("meta")
+    first, second = packed(module, layout), packed(module, layout)
+    binding = bind(runnable, layout, first)
+    before = {name: id(t) for name, t in named_weights(runnable).items()}
+    first.fill_(0xFF)  # NaN everywhere: a weight left behind shows in the outputs
+    binding.to(second)
+    for name, t in named_weights(runnable).items():
+        assert t.data_ptr() == second.data_ptr() + layout.slot_of()[name].offset
+        assert id(t) == before[name]  # re-pointed, not replaced
+    arrays = models.inputs(kind, seed=3)
+    models.assert_same(models.native(runnable, arrays), models.native(module, arrays))
+    if kind == "gpt2":  # tied: two names, one slot, both moved
+        assert runnable.model.lm_head.weight.data_ptr() == runnable.model.transformer.wte.weight.data_ptr()
+    with pytest.raises(ValueError, match="not aligned"):
+        binding.to(torch.zeros(layout.total_bytes + 8, dtype=torch.uint8)[1:1 + layout.total_bytes])
+
+
 # ---------------------------------------------------------------- arena
 
 
@@ -253,16 +273,25 @@ def test_a_sticky_home_beats_the_cheapest_window_only_when_room_must_be_made():
     assert full.plan(20, lambda o: True, prices, home=50, sticky_home=True) == (0, ["x"])
 
 
-def test_home_first_takes_the_home_while_free_gaps_exist():
-    arena = filled(100, [("x", 0, 20), ("y", 20, 20)])
-    prices = priced({"x": 1, "y": 5})
-    assert arena.plan(20, lambda o: True, prices, home=20, sticky_home=True, home_first=True) == (20, ["y"])
-    # a home holding a model in use, or one that must never be evicted: a free gap, no victim
-    assert arena.plan(20, lambda o: o != "y", prices, home=20, sticky_home=True, home_first=True) == (40, [])
-    assert arena.plan(20, lambda o: True, priced({"x": 1, "y": float("inf")}), home=20, sticky_home=True,
-                      home_first=True) == (40, [])
-    # a free home needs no eviction either way
-    assert arena.plan(20, lambda o: True, prices, home=60, home_first=True) == (60, [])
+def test_home_first_evicts_guests_for_the_home_while_free_gaps_exist():
+    arena = filled(100, [("x", 0, 20), ("y", 20, 20), ("z", 40, 20)])
+    prices = priced({"x": 1, "y": 5, "z": 5})
+    def guests(owner: str) -> bool:  # owners with no graphs where they sit
+        return owner in ("y", "z")
+    assert arena.plan(20, lambda o: True, prices, home=20, sticky_home=True, home_first=guests) == (20, ["y"])
+    assert arena.plan(30, lambda o: True, prices, home=20, sticky_home=True, home_first=guests) == (20, ["y", "z"])
+    # not a guest (its graphs are where it sits: two models with graphs at overlapping homes
+    # would evict each other on every request), in use, or never to be evicted: a free gap
+    assert arena.plan(20, lambda o: True, prices, home=0, sticky_home=True, home_first=guests) == (60, [])
+    assert arena.plan(30, lambda o: True, prices, home=10, sticky_home=True, home_first=guests) == (60, [])
+    assert arena.plan(20, lambda o: o != "y", prices, home=20, sticky_home=True, home_first=guests) == (60, [])
+    assert arena.plan(20, lambda o: True, priced({"x": 1, "y": float("inf"), "z": 1}), home=20, sticky_home=True,
+                      home_first=guests) == (60, [])
+    # without home_first the free gap wins; a free home needs no eviction either way
+    assert arena.plan(20, lambda o: True, prices, home=20, sticky_home=True) == (60, [])
+    assert arena.plan(20, lambda o: True, prices, home=80, home_first=guests) == (80, [])
+    # a home past the arena's end is ignored
+    assert arena.plan(20, lambda o: True, prices, home=90, sticky_home=True, home_first=guests) == (60, [])
 
 
 def test_model_larger_than_the_arena_is_refused():

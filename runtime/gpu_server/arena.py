@@ -15,9 +15,11 @@ window are idle and evictable, rather than to the window the eviction policy pri
 since a graph replay costs a fraction of the eager run a new address needs (and of a
 capture, ~0.1–1 s of the device). Models whose homes overlap then evict each other when the
 arena is full. While free room exists, a model is evicted for another's home only when that
-other's graphs are there and its cold graph (copies and kernels) beats its eager run
-(``home_first``; the executor decides from the times measured at capture): a model placed in
-a free gap elsewhere is a guest, and runs eagerly for as long as it stays resident. In the
+other's graphs are there, its cold graph (copies and kernels) beats its eager run, and the
+models in the way have no graphs where they sit (``home_first``; the executor decides from
+the times measured at capture): such a model is a guest, placed in a free gap away from its
+own home, and runs eagerly for as long as it stays resident. Two models with graphs at
+overlapping homes never evict each other while there is free room. In the
 1×H200 node run of 100 CNN functions a third of the runs were such guests' eager runs, 2–5×
 slower than the graph runs (bench/README.md), while a cold-graph swap-in of those models takes
 about its transfer time (1–4.4 ms). Elsewhere (CPU devices) addresses do not matter and the
@@ -87,7 +89,8 @@ class Arena:
         return out
 
     def plan(self, nbytes: int, evictable: Callable[[str], bool], cost: Callable[[list[str]], float],
-             home: int | None = None, sticky_home: bool = False, home_first: bool = False) -> tuple[int, list[str]]:
+             home: int | None = None, sticky_home: bool = False,
+             home_first: Callable[[str], bool] | None = None) -> tuple[int, list[str]]:
         """Where ``nbytes`` would go and which owners must be evicted first.
 
         Args:
@@ -97,7 +100,9 @@ class Arena:
             home: the model's home offset, taken when free and on ties.
             sticky_home: when no free gap fits, take the home whenever its window holds no
                 model in use and none whose eviction costs infinity (module docstring).
-            home_first: take the home on those terms even while a free gap fits elsewhere.
+            home_first: take the home on those terms even while a free gap fits elsewhere,
+                when every owner in its window passes this predicate (a guest: no graphs
+                where it sits).
 
         Returns:
             ``(offset, victims)``; victims is empty when a free gap fits.
@@ -115,7 +120,7 @@ class Arena:
 
         def home_free_to_take() -> bool:
             return home_fits and all(evictable(o) for o in covered) and cost(covered) != float("inf")
-        if home_first and home_free_to_take():
+        if home_first is not None and all(home_first(o) for o in covered) and home_free_to_take():
             return home, covered
         fits = [off for off, gap in self.gaps() if gap >= size]
         if fits:

@@ -67,11 +67,13 @@ class _Bound:
 @dataclass(frozen=True)
 class RunTimes:
     """Where one run's time went, in ms: waiting for the device's run lock (runs ahead of it
-    on this device), and the run itself (issue, waits for weights still landing, kernels,
-    outputs to the host); ``graph``: replayed from a CUDA graph rather than run eagerly."""
+    on this device), the run itself (issue, waits for weights still landing, kernels, outputs
+    to the host), and a CUDA-graph capture the run triggered (not part of ``run_ms``);
+    ``graph``: replayed from a CUDA graph rather than run eagerly."""
 
     queue_ms: float
     run_ms: float
+    capture_ms: float
     graph: bool
 
 
@@ -174,15 +176,19 @@ class Executor:
     def _swap_in(self, model: HostModel, source: torch.Tensor | None, defer: bool) -> Residency:
         priced: list[Callable[[list[str]], float]] = []
 
-        def cost(owners: list[str]) -> float:  # priced once, and only when room must be made
+        def cost(owners: list[str]) -> float:  # priced once, and only when models would be evicted
             if not priced:
                 priced.append(self._eviction_cost(self))
             return priced[0](owners)
+
+        def guest(owner: str) -> bool:  # no graphs where it sits: it runs eagerly there
+            res = self.resident[owner]
+            return not self.graphs.has_cold(res.model, res.region.offset)
         home = self._homes.get(model.name)
+        home_first = home is not None and self.graphs is not None and self.graphs.cold_beats_eager(model, home)
         offset, victims = self.arena.plan(
             model.nbytes, evictable=lambda o: self.resident[o].in_use == 0, cost=cost, home=home,
-            sticky_home=self.graphs is not None,
-            home_first=home is not None and self.graphs is not None and self.graphs.cold_beats_eager(model, home))
+            sticky_home=self.graphs is not None, home_first=guest if home_first else None)
         for victim in victims:
             self._evict(victim)
         region = self.arena.place(model.name, offset, model.nbytes)
@@ -220,7 +226,11 @@ class Executor:
         if cached is not None and cached.model is model:
             self._bound.move_to_end(model.name)
             if cached.offset != offset:
-                cached.binding.to(self.device.weights[offset:offset + model.nbytes])
+                try:
+                    cached.binding.to(self.device.weights[offset:offset + model.nbytes])
+                except BaseException:
+                    del self._bound[model.name]  # half re-pointed: never reused
+                    raise
                 cached.offset = offset
             return cached.module, cached.gates
         module, binding = model.bound(self.device.weights[offset:offset + model.nbytes])
@@ -288,6 +298,7 @@ class Executor:
         with self._run_lock:
             started = time.perf_counter()
             graph_runs = self.stats.graph_runs
+            capture_s = self.graphs.capture_s if self.graphs else 0.0
             outputs = None
             try:
                 with torch.inference_mode(), self.device.computing():
@@ -304,11 +315,13 @@ class Executor:
                 self._fault_leftovers.append((outputs, exc))
                 raise DeviceFault(f"device {self.device.index} failed: {self.fault}") from exc
             finally:
-                res.gates.settle()
+                if self.healthy:  # after a sticky error an event query raises too, hiding the fault
+                    res.gates.settle()
             self.stats.runs += 1
             graph = self.stats.graph_runs > graph_runs
+            capture_ms = ((self.graphs.capture_s if self.graphs else 0.0) - capture_s) * 1e3
         ended = time.perf_counter()
-        return outputs, RunTimes((started - queued) * 1e3, (ended - started) * 1e3, graph)
+        return outputs, RunTimes((started - queued) * 1e3, (ended - started) * 1e3 - capture_ms, capture_ms, graph)
 
     def _run(self, res: Residency, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """Issues the run; returns its outputs on the device, not waited for."""
@@ -325,7 +338,6 @@ class Executor:
                 res.gates.swap.wait_all()
             self.stats.graph_runs += 1
             return self.graphs.replay(pair, inputs, cold=False)
-        started = time.perf_counter()
         args = [t.to(self.device.torch_device, non_blocking=True) for t in inputs]
         outputs = flatten(res.module(*args))
         # graphs are captured at the model's home only: elsewhere it is a guest until evicted.
@@ -334,9 +346,8 @@ class Executor:
         if key and res.region.offset == self._homes.get(res.model.name) and self.graphs.note_eager(key) \
                 and res.gates.swap is None:
             self.device.synchronize()
-            eager_ms = (time.perf_counter() - started) * 1e3
             with self._cond:  # no swap-in may put copies on the copy stream while a capture forks it
-                self.graphs.capture(key, res.module, res.gates, res.model, res.region.offset, inputs, eager_ms)
+                self.graphs.capture(key, res.module, res.gates, res.model, res.region.offset, inputs)
         return outputs
 
     def snapshot(self) -> dict:

@@ -50,8 +50,8 @@ class GraphPair:
     pool_bytes: int
     group_bytes: int
     cold_ms: dict[int, float]
-    eager_ms: float  # the eager run just before the capture, inputs to outputs on the device
-    warm_ms: float  # median replay of the warm graph
+    eager_ms: float  # median eager run on the static inputs, timed at capture
+    warm_ms: float  # median replay of the warm graph, timed at capture
 
     @property
     def warm_beats_eager(self) -> bool:
@@ -102,8 +102,8 @@ class GraphCache:
 
     def cold_beats_eager(self, model, offset: int) -> bool:
         """Whether some cold graph of ``model`` at ``offset`` (its copies and kernels) replayed
-        faster than the eager run before its capture: then a swap-in back to ``offset`` beats
-        running resident elsewhere, eagerly (arena.py, ``home_first``)."""
+        faster than the model's eager run, both timed at capture: then a swap-in back to
+        ``offset`` beats running resident elsewhere, eagerly (arena.py, ``home_first``)."""
         return any(k[1] == id(model) and k[2] == offset and p.cold_ms[p.group_bytes] <= p.eager_ms
                    for k, p in self.pairs.items())
 
@@ -125,16 +125,16 @@ class GraphCache:
         self.seen[key] += 1
         return self.seen[key] >= 2
 
-    def capture(self, key: Key, module, gates, model, offset: int, inputs: list[torch.Tensor], eager_ms: float,
+    def capture(self, key: Key, module, gates, model, offset: int, inputs: list[torch.Tensor],
                 group_sizes: tuple[int, ...] = GROUP_CANDIDATES) -> GraphPair | None:
         """Captures the warm graph of ``key`` and one cold graph per copy group size in
         ``group_sizes`` (a size >= the model's bytes is one bulk copy), times a few replays of
         each and keeps the fastest: the group size — pipelined or bulk — is chosen per
         model, device and input shape from measurement, once: a later capture of the same
         model and inputs (after this cache dropped its pair) takes the chosen size and
-        captures one cold graph, with no timed replays. ``eager_ms`` is the eager run that
-        preceded the capture, kept for :meth:`cold_beats_eager` and set beside the warm
-        graph's own replay time (:attr:`GraphPair.warm_beats_eager`). The model must be resident and
+        captures one cold graph, with no timed replays. The eager run and the warm graph are
+        timed alike (medians of a few runs on the device-resident static inputs), for
+        :attr:`GraphPair.warm_beats_eager` and :meth:`cold_beats_eager`. The model must be resident and
         landed (replaying a cold graph then rewrites the same bytes). Returns None, and never
         tries again, when the forward cannot be captured."""
         dev = self.device
@@ -144,16 +144,17 @@ class GraphCache:
         sizes = [known[0]] if known else sorted({min(g, model.nbytes) for g in group_sizes})
         try:
             static = [x.to(dev.torch_device) for x in inputs]
+            eager_ms = _median_ms(lambda: module(*static), dev)
             warm = torch.cuda.CUDAGraph()
             with torch.cuda.graph(warm, pool=self.pool, stream=dev.compute_stream, capture_error_mode="thread_local"):
                 warm_out = flatten(module(*static))
-            warm_ms = _median_replay_ms(warm, dev)
+            warm_ms = _median_ms(warm.replay, dev)
             best = None
             cold_ms = dict(known[1]) if known else {}
             for size in sizes:
                 cold, cold_out = self._capture_cold(module, gates, model, offset, static, size)
                 if not known:
-                    cold_ms[size] = _median_replay_ms(cold, dev)
+                    cold_ms[size] = _median_ms(cold.replay, dev)
                 if best is None or cold_ms[size] < cold_ms[best[0]]:
                     best = (size, cold, cold_out)
         except Exception as exc:  # capture refuses host syncs, dynamic shapes...: this key stays eager
@@ -206,12 +207,13 @@ class GraphCache:
                 "pool_bytes": sum(p.pool_bytes for p in self.pairs.values())}
 
 
-def _median_replay_ms(graph: torch.cuda.CUDAGraph, dev: Device, reps: int = 3) -> float:
+def _median_ms(issue, dev: Device, reps: int = 3) -> float:
+    """Median wall time of ``issue()`` (a graph replay, an eager run) on the compute stream, ms."""
     times = []
     for _ in range(reps):
         dev.compute_stream.synchronize()
         t = time.perf_counter()
-        graph.replay()
+        issue()
         dev.compute_stream.synchronize()
         times.append((time.perf_counter() - t) * 1e3)
     return sorted(times)[len(times) // 2]

@@ -245,11 +245,16 @@ class Binding:
         if buffer.device == self._device:
             storage, base = buffer.untyped_storage(), buffer.storage_offset()
             with torch.no_grad():
-                for (slot, _), (stride, tensors) in zip(self.targets, self._made):
-                    for t in tensors:
-                        t.set_(storage, (base + slot.offset) // t.element_size(), slot.shape, stride)
+                for (slot, owners), (stride, tensors) in zip(self.targets, self._made):
+                    start, misaligned = divmod(base + slot.offset, tensors[0].element_size())
+                    if misaligned:
+                        raise ValueError(f"byte {base + slot.offset} is not aligned for {slot.dtype}")
+                    for (owner, attr, is_parameter), t in zip(owners, tensors):
+                        t.set_(storage, start, slot.shape, stride)
+                        # installed again: a forward may have replaced the registered tensor
+                        (owner._parameters if is_parameter else owner._buffers)[attr] = t
             return
-        self._made = []
+        self._device, self._made = None, []  # a failure half-way must not leave a prefix to re-point
         for slot, owners in self.targets:
             view = buffer[slot.offset:slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
             tensors = []

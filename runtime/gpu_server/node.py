@@ -150,7 +150,8 @@ class Node:
         Returns:
             (outputs as CPU tensors, {"device", "swap_in" (bool), "path" (resident, pcie,
             nvlink), "run_ms" (the run), "queue_ms" (waiting for runs ahead of it on the
-            device), "graph" (bool: replayed from a CUDA graph)}).
+            device), "capture_ms" (a CUDA-graph capture the run triggered), "graph" (bool:
+            replayed from a CUDA graph)}).
 
         Raises:
             KeyError, ModelLoadError (store), NoHealthyDevice, NoRoom, DeviceFault, and what
@@ -166,7 +167,7 @@ class Node:
                     self.predictor.observe(name, ex.device.name, times.run_ms)
                 path = "resident" if not swapped else "nvlink" if pinned else "pcie"
                 return outputs, {"device": ex.device.index, "swap_in": swapped, "path": path, "run_ms": times.run_ms,
-                                 "queue_ms": times.queue_ms, "graph": times.graph}
+                                 "queue_ms": times.queue_ms, "capture_ms": times.capture_ms, "graph": times.graph}
             finally:
                 ex.release(res)
                 if pinned:

@@ -258,6 +258,10 @@ class Container:
         self.stdout = LogStream("stdout", proc.stdout, spec.log_limit_bytes, collect)
         self.stderr = LogStream("stderr", proc.stderr, spec.log_limit_bytes, collect)
         self._session = requests.Session()
+        # a container is a loopback port, never behind a proxy: without this, requests reads
+        # the proxy variables and ~/.netrc on every call (~1 ms of each activation's /init
+        # and /run on a 2-core VM)
+        self._session.trust_env = False
         self._stopped = False
         self._kill_lock = threading.Lock()
 
