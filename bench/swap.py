@@ -6,8 +6,8 @@ against the transfer bound (issue 3).
 For each model (batch 1, fp32, random weights with a fixed seed): weight bytes; transfer
 bound = bytes ÷ measured pinned host→GPU bandwidth; native warm eager latency (the module on
 the GPU, in this process: inputs from the host, outputs back on the host as the served time
-has them; ``native_warm_device_ms`` leaves the outputs on the GPU); served warm and cold latencies measured inside the GPU server's
-node (request accepted → outputs on the host; CUDA graphs on); naive ``.to("cuda")`` of a
+has them; ``native_warm_device_ms`` leaves the outputs on the GPU); served warm and cold
+latencies measured inside the GPU server's node (request accepted → outputs on the host; CUDA graphs on); naive ``.to("cuda")`` of a
 pageable CPU module + run; peer swap over NVLink + run when two GPUs exist; max abs
 difference of served outputs against native. Medians of repeated runs. The redirection
 overhead (client → Unix socket + shared memory → server → back, 1×3×224×224 in, 1×1000 out)

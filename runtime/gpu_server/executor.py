@@ -204,7 +204,6 @@ class Executor:
         except BaseException:
             self.arena.free(model.name)  # no region without a residency: planning looks owners up
             raise
-        home = self._homes.get(model.name)
         if home is None or self.graphs is None or not self.graphs.has_cold(model, home):
             self._homes[model.name] = offset  # a home is fixed once graphs are bound to it (arena.py)
         self.stats.swap_ins += 1

@@ -12,11 +12,12 @@ host buffer's (pinned, never moved) and the static input/output tensors'. A grap
 captured at the second eager run of a signature at the model's home — the first may be the
 run that swapped it in — once its weights have all landed (the first run warms up cuDNN and
 the allocator; elsewhere the model is a guest until evicted), and replayed from then on; a
-model whose forward cannot be captured (a host sync, data-dependent shapes) stays eager. Captures are thread-local (other devices'
-executors keep running) and hold the executor's lock, so that no swap-in issues copies on
-the copy stream while it is forked into a capture. All graphs of one device share one memory pool
-for activations: they are replayed one at a time (the executor's run lock), and each keeps
-its outputs alive, so no graph's outputs are overwritten by another's replay.
+model whose forward cannot be captured (a host sync, data-dependent shapes) stays eager.
+Captures are thread-local (other devices' executors keep running) and hold the executor's
+lock, so that no swap-in issues copies on the copy stream while it is forked into a capture.
+All graphs of one device share one memory pool for activations: they are replayed one at a
+time (the executor's run lock), and each keeps its outputs alive, so no graph's outputs are
+overwritten by another's replay.
 """
 from __future__ import annotations
 
@@ -52,14 +53,14 @@ class GraphPair:
     cold_ms: dict[int, float]
     eager_ms: float  # median eager run on the static inputs, timed at capture
     warm_ms: float  # median replay of the warm graph, timed at capture
+    host: torch.Tensor  # the host buffer its cold graph copies from: unmapped under a replay, a device fault
 
     @property
     def warm_beats_eager(self) -> bool:
         """Whether warm runs should replay the graph: a model whose kernels are long enough
         to hide Python's launches gains nothing from a graph and may lose (BERT-large on H200:
-        13.86 ms as a graph, 13.63 ms eager; bench/results/nvidia-h200-warm-gap.json)."""
+        13.86 ms as a graph, 13.63 ms eager; bench/results/nvidia-h200x1-warm-gap.json)."""
         return self.warm_ms <= self.eager_ms
-    host: torch.Tensor  # the host buffer its cold graph copies from: unmapped under a replay, a device fault
 
 
 class GraphCache:
@@ -134,8 +135,8 @@ class GraphCache:
         model and inputs (after this cache dropped its pair) takes the chosen size and
         captures one cold graph, with no timed replays. The eager run and the warm graph are
         timed alike (medians of a few runs on the device-resident static inputs), for
-        :attr:`GraphPair.warm_beats_eager` and :meth:`cold_beats_eager`. The model must be resident and
-        landed (replaying a cold graph then rewrites the same bytes). Returns None, and never
+        :attr:`GraphPair.warm_beats_eager` and :meth:`cold_beats_eager`. The model must be
+        resident and landed (replaying a cold graph then rewrites the same bytes). Returns None, and never
         tries again, when the forward cannot be captured."""
         dev = self.device
         started = time.perf_counter()

@@ -105,9 +105,9 @@ class _FrameClock:
 
 
 def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None, clock: _FrameClock | None = None) -> bytearray:
-    """``n`` bytes from ``sock``; with ``fds`` the descriptors that came with them are appended to it (without, the kernel discards any: a peer cannot
-    leak them into us); with ``clock``, all of them by the frame's deadline once its first
-    byte came.
+    """``n`` bytes from ``sock``; with ``fds`` the descriptors that came with them are
+    appended to it (without, the kernel discards any: a peer cannot leak them into us); with
+    ``clock``, all of them by the frame's deadline once its first byte came.
 
     Raises:
         ConnectionError: the peer closed the connection.
