@@ -9,6 +9,7 @@ docs/faults.md):
   each GPU has its own process;
 - case 1 on a GPU: 1,000 swap-in/evict cycles with an inference each leave NVML's used device
   memory and the server's host RSS flat within 64 MB;
+- CUDA graphs are captured off the request path (the executor's capture thread);
 - the host store's buffers (store.host_buffer) are page-locked at their exact size, for
   every GPU.
 """
@@ -61,10 +62,32 @@ def wait_for(predicate, timeout_s: float = 3.0) -> bool:
     return predicate()
 
 
+def captured(client) -> int:
+    """Graph captures finished on device 0, or -1 while one is queued."""
+    device = client.stats()["devices"][0]
+    return -1 if device["captures_queued"] else device["graph_captures"]
+
+
+def test_graphs_are_captured_off_the_request_path():
+    server = GPUServerProcess(("resnet",), devices=0, regions=0, extra=("--arena-bytes", ARENA))
+    try:
+        client = server.client()
+        x = models.inputs("resnet")
+        want = models.native(server.natives["resnet"], x)
+        for _ in range(2):  # the swap-in's eager run, then a warm eager run: it queues the capture
+            np.testing.assert_allclose(client.infer("resnet", x, device=0)[0], want[0], rtol=1e-4, atol=1e-5)
+        assert wait_for(lambda: captured(client) == 1, 60.0)  # done with no request in flight
+        assert client.stats()["devices"][0]["graph_runs"] == 0
+        np.testing.assert_allclose(client.infer("resnet", x, device=0)[0], want[0], rtol=1e-4, atol=1e-5)
+        assert client.stats()["devices"][0]["graph_runs"] == 1
+    finally:
+        server.stop()
+
+
 def fault_device_0(redis_url: str, good_runs: int = 1) -> tuple[GPUServerProcess, list[np.ndarray], list[np.ndarray]]:
     """A GPU server whose device 0 just took a device-side assert, after ``good_runs``
-    correct requests (a graph is captured at the second request; from the third on,
-    requests replay it — the bad one too, when it comes third or later);
+    correct requests (a graph is captured after the second request, off the request path;
+    from the third on, requests replay it — the bad one too, when it comes third or later);
     returns it, good inputs of its ``gpt2`` model and their native outputs. Checks the
     caller's 5xx naming the fault."""
     server = GPUServerProcess(("gpt2",), devices=0, regions=0,
@@ -81,8 +104,10 @@ def fault_device_0(redis_url: str, good_runs: int = 1) -> tuple[GPUServerProcess
     good = models.inputs("gpt2")
     want = models.native(server.natives["gpt2"], good)
     client = server.client()
-    for _ in range(good_runs):
+    for i in range(good_runs):
         np.testing.assert_allclose(client.infer("gpt2", good, device=0)[0], want[0], rtol=1e-4, atol=1e-5)
+        if i == 1:
+            assert wait_for(lambda: captured(client) == 1, 60.0)
     bad = [np.full_like(good[0], models.TINY["gpt2"].vocab + 1000)]  # embedding rows that do not exist
     with pytest.raises(ModelError) as caught:
         client.infer("gpt2", bad, device=0)
@@ -106,7 +131,7 @@ def test_cuda_fault_marks_the_gpu_unhealthy_in_redis_and_readiness(redis_url):
 
 
 def test_cuda_fault_inside_a_graph_replay_is_a_device_fault(redis_url):
-    server, _, _ = fault_device_0(redis_url, good_runs=3)  # captured at the second, replayed at the third
+    server, _, _ = fault_device_0(redis_url, good_runs=3)  # captured after the second, replayed at the third
     try:
         r = redis.Redis.from_url(redis_url, decode_responses=True)
         assert wait_for(lambda: r.hget("torpor:node:gpu-test:device:0", "healthy") == "0")

@@ -14,16 +14,18 @@ free gap fits and room must be made, the model goes back home whenever the model
 window are idle and evictable, rather than to the window the eviction policy prices lowest,
 since a graph replay costs a fraction of the eager run a new address needs (and of a
 capture, ~0.1–1 s of the device). Models whose homes overlap then evict each other when the
-arena is full. While free room exists, a model is evicted for another's home only when that
-other's graphs are there, its cold graph (copies and kernels) beats its eager run, and the
-models in the way have no graphs where they sit (``home_first``; the executor decides from
-the times measured at capture): such a model is a guest, placed in a free gap away from its
-own home, and runs eagerly for as long as it stays resident. Two models with graphs at
-overlapping homes never evict each other while there is free room. In the
-1×H200 node run of 100 CNN functions a third of the runs were such guests' eager runs, 2–5×
-slower than the graph runs (bench/README.md), while a cold-graph swap-in of those models takes
-about its transfer time (1–4.4 ms). Elsewhere (CPU devices) addresses do not matter and the
-eviction policy alone picks the window.
+arena is full. While free room exists, a model may go home, evicting the idle models there,
+when its graphs are there and its cold graph (copies and kernels) beats its eager run
+(``home_first``: the executor decides from the times measured at capture, and which models
+may go): otherwise it would be a guest in a free gap away from its home, running eagerly
+for as long as it stays resident. In the 1×H200 node run of 100 CNN functions a third of
+the runs were such guests' eager runs, 2–5× slower than the graph runs (bench/README.md),
+while a cold-graph swap-in of those models takes about its transfer time (1–4.4 ms). The
+executor lets a home evict any idle model only while the arena is oversubscribed (it had to
+evict to find room lately, so free gaps are passing); with room to spare, only guests — two
+models with graphs at overlapping homes would otherwise evict each other on every request
+in a nearly empty arena. Elsewhere (CPU devices) addresses do not matter and the eviction
+policy alone picks the window.
 """
 from __future__ import annotations
 
@@ -101,8 +103,9 @@ class Arena:
             sticky_home: when no free gap fits, take the home whenever its window holds no
                 model in use and none whose eviction costs infinity (module docstring).
             home_first: take the home on those terms even while a free gap fits elsewhere,
-                when every owner in its window passes this predicate (a guest: no graphs
-                where it sits).
+                when every owner in its window passes this predicate (the executor's: a
+                guest, with no graphs where it sits; or any, while the arena is
+                oversubscribed).
 
         Returns:
             ``(offset, victims)``; victims is empty when a free gap fits.

@@ -5,26 +5,43 @@ models to make contiguous room), *runs* it, and *releases* it. A model with a re
 between acquire and release is in use and is never evicted; requests that need room held by
 models in use wait until one is released. Runs on one device are serialised (one compute
 stream); different devices run in parallel.
+
+CUDA-graph captures (graphs.py) are kept off the request path: a run that finds its model
+ready for capture only queues it, and the executor's capture thread does the capture in
+steps (the eager timing, the warm graph, each cold graph) while no request is routed to the
+device, holding the device for one step at a time. A capture of ResNet-101 done inline took
+145 ms of the device in the 1×H200 node run, and every request behind it waited that long.
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from runtime.gpu_server.arena import Arena, ArenaFull, Region
 from runtime.gpu_server.device import Device
-from runtime.gpu_server.graphs import GraphCache, flatten
+from runtime.gpu_server.graphs import GraphCache, Key, flatten
 from runtime.gpu_server.layout import Binding
 from runtime.gpu_server.store import HostModel
 from runtime.gpu_server.swap import GROUP_BYTES, PEER_GROUP_BYTES, Gates, SwapIn
 
+log = logging.getLogger("torpor.gpu_server.executor")
+
 BOUND_CACHE = 512  # device-bound module skeletons kept per executor: no device memory, ~0.4-1 MiB of host each
+# s: an arena that had to evict to find room this recently is oversubscribed, so a free gap
+# is no lasting place for a model: it goes home, evicting whatever idle models are there,
+# and replays its graphs there instead of running eagerly as a guest (arena.py, home_first)
+PRESSURE_S = 10.0
+# s: a capture waiting this long takes its next step even while requests are routed to the
+# device: under sustained load the device is never idle, and a graph's runs (2-5x faster than
+# eager for the CNNs) give back more device time than its steps take
+CAPTURE_PATIENCE_S = 1.0
 
 
 class NoRoom(Exception):
@@ -67,14 +84,28 @@ class _Bound:
 @dataclass(frozen=True)
 class RunTimes:
     """Where one run's time went, in ms: waiting for the device's run lock (runs ahead of it
-    on this device), the run itself (issue, waits for weights still landing, kernels, outputs
-    to the host), and a CUDA-graph capture the run triggered (not part of ``run_ms``);
-    ``graph``: replayed from a CUDA graph rather than run eagerly."""
+    on this device, or one step of a graph capture), and the run itself (issue, waits for
+    weights still landing, kernels, outputs to the host); ``graph``: replayed from a CUDA
+    graph rather than run eagerly."""
 
     queue_ms: float
     run_ms: float
-    capture_ms: float
     graph: bool
+
+
+@dataclass
+class _Capture:
+    """A graph capture queued for the capture thread: the model at its home and the static
+    inputs (on the device) its graphs will read; ``steps`` once started (GraphCache.capture)."""
+
+    key: Key
+    model: HostModel
+    offset: int
+    module: nn.Module
+    gates: Gates
+    inputs: list[torch.Tensor]
+    queued_at: float = field(default_factory=time.monotonic)
+    steps: Iterator[None] | None = None
 
 
 @dataclass
@@ -119,6 +150,13 @@ class Executor:
         self._homes: dict[str, int] = {}
         self._bound: OrderedDict[str, _Bound] = OrderedDict()
         self._fault_leftovers: list = []  # outputs of failed runs, kept alive (run)
+        self._pressed_at = float("-inf")  # last swap-in that found no free gap (PRESSURE_S)
+        self._captures: OrderedDict[Key, _Capture] = OrderedDict()
+        self._closed = False
+        self._capturer = None
+        if self.graphs is not None:
+            self._capturer = threading.Thread(target=self._capture_loop, name=f"capture-{device.index}", daemon=True)
+            self._capturer.start()
 
     def is_resident(self, name: str) -> bool:
         return name in self.resident
@@ -184,11 +222,16 @@ class Executor:
         def guest(owner: str) -> bool:  # no graphs where it sits: it runs eagerly there
             res = self.resident[owner]
             return not self.graphs.has_cold(res.model, res.region.offset)
+        now = time.monotonic()
+        if not self.fits_without_eviction(model.nbytes):
+            self._pressed_at = now
         home = self._homes.get(model.name)
-        home_first = home is not None and self.graphs is not None and self.graphs.cold_beats_eager(model, home)
+        home_first = None
+        if home is not None and self.graphs is not None and self.graphs.cold_beats_eager(model, home):
+            home_first = (lambda owner: True) if now - self._pressed_at < PRESSURE_S else guest
         offset, victims = self.arena.plan(
             model.nbytes, evictable=lambda o: self.resident[o].in_use == 0, cost=cost, home=home,
-            sticky_home=self.graphs is not None, home_first=guest if home_first else None)
+            sticky_home=self.graphs is not None, home_first=home_first)
         for victim in victims:
             self._evict(victim)
         region = self.arena.place(model.name, offset, model.nbytes)
@@ -282,6 +325,8 @@ class Executor:
         with self._cond:
             self._bound.pop(name, None)
             self._homes.pop(name, None)
+            for key in [k for k in self._captures if k[0] == name]:
+                self._drop_capture(key)
             if self.graphs:
                 self.graphs.drop(name)
 
@@ -296,12 +341,11 @@ class Executor:
         queued = time.perf_counter()
         with self._run_lock:
             started = time.perf_counter()
-            graph_runs = self.stats.graph_runs
-            capture_s = self.graphs.capture_s if self.graphs else 0.0
             outputs = None
             try:
                 with torch.inference_mode(), self.device.computing():
-                    outputs = self.device.to_host(self._run(res, inputs))
+                    device_outputs, graph = self._run(res, inputs)
+                    outputs = self.device.to_host(device_outputs)
                     self.device.synchronize()
             except torch.AcceleratorError as exc:
                 self.healthy = False
@@ -317,37 +361,111 @@ class Executor:
                 if self.healthy:  # after a sticky error an event query raises too, hiding the fault
                     res.gates.settle()
             self.stats.runs += 1
-            graph = self.stats.graph_runs > graph_runs
-            capture_ms = ((self.graphs.capture_s if self.graphs else 0.0) - capture_s) * 1e3
         ended = time.perf_counter()
-        return outputs, RunTimes((started - queued) * 1e3, (ended - started) * 1e3 - capture_ms, capture_ms, graph)
+        return outputs, RunTimes((started - queued) * 1e3, (ended - started) * 1e3, graph)
 
-    def _run(self, res: Residency, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Issues the run; returns its outputs on the device, not waited for."""
+    def _run(self, res: Residency, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+        """Issues the run; returns its outputs on the device, not waited for, and whether a
+        graph replayed it."""
         key = self.graphs.key(res.model, res.region.offset, inputs) if self.graphs else None
         pair = self.graphs.get(key) if key else None
         if res.deferred:
             res.deferred = False
             if pair is not None:
-                self.stats.graph_runs += 1
-                return self.graphs.replay(pair, inputs, cold=True)
+                self.stats.graph_runs += 1  # counted before the replay: a failed one counts too
+                return self.graphs.replay(pair, inputs, cold=True), True
             res.gates.swap = SwapIn(self.device, res.model.buffer, self.region_bytes(res), self.group_bytes)
         elif pair is not None and pair.warm_beats_eager:
             if res.gates.swap is not None:  # a prefetch still landing: the stream waits for all of it
                 res.gates.swap.wait_all()
             self.stats.graph_runs += 1
-            return self.graphs.replay(pair, inputs, cold=False)
+            return self.graphs.replay(pair, inputs, cold=False), True
         args = [t.to(self.device.torch_device, non_blocking=True) for t in inputs]
         outputs = flatten(res.module(*args))
         # graphs are captured at the model's home only: elsewhere it is a guest until evicted.
-        # The run that swapped the model in counts as the warm-up run, but the capture waits
-        # for a run with every byte landed (it replays the copies itself)
-        if key and res.region.offset == self._homes.get(res.model.name) and self.graphs.note_eager(key) \
-                and res.gates.swap is None:
-            self.device.synchronize()
-            with self._cond:  # no swap-in may put copies on the copy stream while a capture forks it
-                self.graphs.capture(key, res.module, res.gates, res.model, res.region.offset, inputs)
-        return outputs
+        # The run that swapped the model in counts as the warm-up run (note_eager before the
+        # landing check), but the capture waits for a run with every byte landed (it replays
+        # the copies itself)
+        if key and res.region.offset == self._homes.get(res.model.name) and key not in self._captures \
+                and self.graphs.note_eager(key) and res.gates.swap is None:
+            with self._cond:
+                self._captures[key] = _Capture(key, res.model, res.region.offset, res.module, res.gates, args)
+                self._cond.notify_all()
+        return outputs, False
+
+    def idle(self) -> None:
+        """Tells the capture thread that no request is routed here any more (Node.done)."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def _capture_loop(self) -> None:
+        """The capture thread: one step of the oldest queued capture at a time, each while
+        the device is idle (no request routed here) or once the capture has waited
+        CAPTURE_PATIENCE_S; the run lock and the executor's lock are held for the step (no
+        run, and no swap-in putting copies on the copy stream while a capture forks it)."""
+        while True:
+            with self._cond:
+                while not self._closed:
+                    if self._captures and self.healthy:
+                        waited = time.monotonic() - next(iter(self._captures.values())).queued_at
+                        if self.queued == 0 or waited >= CAPTURE_PATIENCE_S:
+                            break
+                        self._cond.wait(CAPTURE_PATIENCE_S - waited)
+                    else:
+                        self._cond.wait()
+                if self._closed:
+                    return
+            with self._run_lock, self._cond:
+                if not self._captures or not self.healthy:
+                    continue
+                job = next(iter(self._captures.values()))
+                try:
+                    self._capture_step(job)
+                except Exception:  # the thread must outlive one bad capture (GraphCache.capture logs its own)
+                    log.exception("capture of %s on device %d failed", job.model.name, self.device.index)
+                    if job.key in self._captures:
+                        self._drop_capture(job.key)
+
+    def _capture_step(self, job: _Capture) -> None:
+        """Takes one step of ``job`` (both locks held); drops it when done, or when its model
+        has left its home meanwhile (a later eager run there queues it again)."""
+        res = self.resident.get(job.model.name)
+        if res is not None and not res.landing:
+            res.gates.settle()  # a landed swap's events must not be waited on inside a capture
+        if res is None or res.model is not job.model or res.region.offset != job.offset or res.landing:
+            self._drop_capture(job.key)
+            return
+        if job.steps is None:
+            job.steps = self.graphs.capture(job.key, job.module, job.gates, job.model, job.offset, job.inputs)
+        with torch.inference_mode(), self.device.computing():
+            finished = next(job.steps, True) is True
+        if finished:
+            self._drop_capture(job.key)
+
+    def _drop_capture(self, key: Key) -> None:
+        job = self._captures.pop(key)
+        if job.steps is not None:
+            job.steps.close()
+        self._cond.notify_all()
+
+    def wait_for_captures(self, timeout_s: float) -> bool:
+        """Blocks until no graph capture is queued (benchmarks and tests); returns whether
+        none is."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while self._captures and time.monotonic() < deadline:
+                self._cond.wait(deadline - time.monotonic())
+            return not self._captures
+
+    def close(self) -> None:
+        """Stops the capture thread (a step under way finishes first)."""
+        with self._cond:
+            self._closed = True
+            for key in list(self._captures):
+                self._drop_capture(key)
+            self._cond.notify_all()
+        if self._capturer is not None:
+            self._capturer.join()
 
     def snapshot(self) -> dict:
         """Device state for stats, Redis and scheduling (JSON-serialisable)."""
@@ -361,5 +479,6 @@ class Executor:
                 "swap_ins": self.stats.swap_ins, "swap_in_bytes": self.stats.swap_in_bytes,
                 "peer_swap_ins": self.stats.peer_swap_ins, "peer_swap_in_bytes": self.stats.peer_swap_in_bytes,
                 "evictions": self.stats.evictions, "runs": self.stats.runs, "graph_runs": self.stats.graph_runs,
+                "captures_queued": len(self._captures),
                 **(self.graphs.stats() if self.graphs else {}),
             }

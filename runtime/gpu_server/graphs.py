@@ -9,12 +9,13 @@
 Graphs bake in addresses: the weights' (the model's region in the arena, hence the offset in
 the key; on CUDA devices the arena sends each model back to its sticky home, arena.py), the
 host buffer's (pinned, never moved) and the static input/output tensors'. A graph is
-captured at the second eager run of a signature at the model's home — the first may be the
-run that swapped it in — once its weights have all landed (the first run warms up cuDNN and
-the allocator; elsewhere the model is a guest until evicted), and replayed from then on; a
-model whose forward cannot be captured (a host sync, data-dependent shapes) stays eager.
-Captures are thread-local (other devices' executors keep running) and hold the executor's
-lock, so that no swap-in issues copies on the copy stream while it is forked into a capture.
+captured after the second eager run of a signature at the model's home — the first may be
+the run that swapped it in — once its weights have all landed (the first run warms up cuDNN
+and the allocator; elsewhere the model is a guest until evicted), off the request path and
+in steps (executor.py), and replayed from then on; a model whose forward cannot be captured
+(a host sync, data-dependent shapes) stays eager. Captures are thread-local (other devices'
+executors keep running) and each step holds the executor's lock, so that no swap-in issues
+copies on the copy stream while it is forked into a capture.
 All graphs of one device share one memory pool for activations: they are replayed one at a
 time (the executor's run lock), and each keeps its outputs alive, so no graph's outputs are
 overwritten by another's replay.
@@ -25,6 +26,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -36,6 +38,7 @@ log = logging.getLogger("torpor.gpu_server.graphs")
 Key = tuple
 # copy group sizes tried for each cold graph, bytes; the model's size means one bulk copy
 GROUP_CANDIDATES = (2 << 20, 8 << 20, 32 << 20, 1 << 62)
+TIMED_RUNS = 3  # runs timed for each median taken at capture, after one untimed
 
 
 @dataclass
@@ -126,53 +129,87 @@ class GraphCache:
         self.seen[key] += 1
         return self.seen[key] >= 2
 
-    def capture(self, key: Key, module, gates, model, offset: int, inputs: list[torch.Tensor],
-                group_sizes: tuple[int, ...] = GROUP_CANDIDATES) -> GraphPair | None:
-        """Captures the warm graph of ``key`` and one cold graph per copy group size in
-        ``group_sizes`` (a size >= the model's bytes is one bulk copy), times a few replays of
-        each and keeps the fastest: the group size — pipelined or bulk — is chosen per
+    def capture(self, key: Key, module, gates, model, offset: int, static: list[torch.Tensor],
+                group_sizes: tuple[int, ...] = GROUP_CANDIDATES) -> Iterator[None]:
+        """Captures the graphs of ``key`` in steps: a generator whose every ``next()`` does
+        one step on the device and yields (the executor's capture thread runs one step at a
+        time while the device is idle; the model must be resident, landed and at ``offset``
+        at every step — replaying a cold graph then rewrites the same bytes). Each step is
+        one eager run or replay, or one capture: the eager run timed, the warm graph captured
+        and timed, then one cold graph per copy group size in ``group_sizes`` (a size >= the
+        model's bytes is one bulk copy) captured and timed.
+        The fastest cold graph is kept: the group size — pipelined or bulk — is chosen per
         model, device and input shape from measurement, once: a later capture of the same
         model and inputs (after this cache dropped its pair) takes the chosen size and
-        captures one cold graph, with no timed replays. The eager run and the warm graph are
-        timed alike (medians of a few runs on the device-resident static inputs), for
-        :attr:`GraphPair.warm_beats_eager` and :meth:`cold_beats_eager`. The model must be
-        resident and landed (replaying a cold graph then rewrites the same bytes). Returns None, and never
-        tries again, when the forward cannot be captured."""
+        captures one cold graph, untimed. The eager run and the graphs are timed alike
+        (medians of a few runs on the device-resident ``static`` inputs), for
+        :attr:`GraphPair.warm_beats_eager` and :meth:`cold_beats_eager`. The pair enters
+        the cache after the last step. When the forward cannot be captured the key stays
+        eager for good (logged); closing the generator early discards the steps taken.
+
+        Args:
+            key: the key (:meth:`key`) of ``model`` at ``offset`` with these inputs.
+            module, gates: the model's device-bound module at ``offset`` and its swap gates.
+            static: the inputs on the device, kept as the graphs' static inputs.
+        """
         dev = self.device
-        started = time.perf_counter()
-        before = torch.cuda.memory_reserved(dev.torch_device)
+        spent = grown = 0.0
+
+        def step(issue):
+            nonlocal spent, grown
+            started, before = time.perf_counter(), torch.cuda.memory_reserved(dev.torch_device)
+            out = issue()
+            spent += time.perf_counter() - started
+            grown += torch.cuda.memory_reserved(dev.torch_device) - before
+            return out
+
+        def timed(issue) -> Iterator[None]:  # one run per step; the median lands in times[-1]
+            samples = []
+            for _ in range(TIMED_RUNS + 1):
+                samples.append(step(lambda: _time_ms(issue, dev)))
+                yield
+            samples = sorted(samples[1:])  # the first pays for this thread's cuBLAS handles, a graph's upload
+            times.append(samples[len(samples) // 2])
+
         known = self.chosen.get((key[0], key[1], key[3]))
         sizes = [known[0]] if known else sorted({min(g, model.nbytes) for g in group_sizes})
+        cold_ms = dict(known[1]) if known else {}
+        times: list[float] = []
+        best = None
         try:
-            static = [x.to(dev.torch_device) for x in inputs]
-            eager_ms = _median_ms(lambda: module(*static), dev)
+            yield from timed(lambda: module(*static))
+            eager_ms = times[-1]
             warm = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(warm, pool=self.pool, stream=dev.compute_stream, capture_error_mode="thread_local"):
-                warm_out = flatten(module(*static))
-            warm_ms = _median_ms(warm.replay, dev)
-            best = None
-            cold_ms = dict(known[1]) if known else {}
+
+            def capture_warm():
+                with torch.cuda.graph(warm, pool=self.pool, stream=dev.compute_stream,
+                                      capture_error_mode="thread_local"):
+                    return flatten(module(*static))
+            warm_out = step(capture_warm)
+            yield
+            yield from timed(warm.replay)
+            warm_ms = times[-1]
             for size in sizes:
-                cold, cold_out = self._capture_cold(module, gates, model, offset, static, size)
+                cold, cold_out = step(lambda: self._capture_cold(module, gates, model, offset, static, size))
+                yield
                 if not known:
-                    cold_ms[size] = _median_ms(cold.replay, dev)
+                    yield from timed(cold.replay)
+                    cold_ms[size] = times[-1]
                 if best is None or cold_ms[size] < cold_ms[best[0]]:
                     best = (size, cold, cold_out)
         except Exception as exc:  # capture refuses host syncs, dynamic shapes...: this key stays eager
             log.info("model %s cannot be captured for %s: %s", model.name, key[3], exc)
             self.uncapturable.add(key)
-            return None
+            return
         size, cold, cold_out = best
         self.chosen[(key[0], key[1], key[3])] = (size, cold_ms)
-        pair = GraphPair(static, warm, warm_out, cold, cold_out, (time.perf_counter() - started) * 1e3,
-                         torch.cuda.memory_reserved(dev.torch_device) - before, size, cold_ms, eager_ms, warm_ms,
-                         model.buffer)
+        pair = GraphPair(static, warm, warm_out, cold, cold_out, spent * 1e3, int(grown), size, cold_ms, eager_ms,
+                         warm_ms, model.buffer)
         self.captures += 1
-        self.capture_s += pair.capture_ms / 1e3
+        self.capture_s += spent
         self.pairs[key] = pair
         while len(self.pairs) > self.capacity:
             self.pairs.popitem(last=False)
-        return pair
 
     def _capture_cold(self, module, gates, model, offset: int, static: list[torch.Tensor], group_bytes: int):
         dev = self.device
@@ -208,16 +245,13 @@ class GraphCache:
                 "pool_bytes": sum(p.pool_bytes for p in self.pairs.values())}
 
 
-def _median_ms(issue, dev: Device, reps: int = 3) -> float:
-    """Median wall time of ``issue()`` (a graph replay, an eager run) on the compute stream, ms."""
-    times = []
-    for _ in range(reps):
-        dev.compute_stream.synchronize()
-        t = time.perf_counter()
-        issue()
-        dev.compute_stream.synchronize()
-        times.append((time.perf_counter() - t) * 1e3)
-    return sorted(times)[len(times) // 2]
+def _time_ms(issue, dev: Device) -> float:
+    """Wall time of ``issue()`` (a graph replay, an eager run) on the compute stream, ms."""
+    dev.compute_stream.synchronize()
+    started = time.perf_counter()
+    issue()
+    dev.compute_stream.synchronize()
+    return (time.perf_counter() - started) * 1e3
 
 
 def flatten(out) -> list[torch.Tensor]:

@@ -128,10 +128,13 @@ class Node:
         """Ends the routing of one request for ``model`` to ``ex`` (see :meth:`choose`)."""
         with self._choose_lock:
             ex.queued -= 1
+            idle = ex.queued == 0
             key = (ex.device.index, model.name)
             self._routed[key] -= 1
             if not self._routed[key]:
                 del self._routed[key]
+        if idle:
+            ex.idle()
 
     def _acquire(self, ex: Executor, source: Executor | None, model: HostModel, timeout_s: float,
                  prefetch: bool = False) -> tuple[Residency, bool, Residency | None]:
@@ -150,8 +153,7 @@ class Node:
         Returns:
             (outputs as CPU tensors, {"device", "swap_in" (bool), "path" (resident, pcie,
             nvlink), "run_ms" (the run), "queue_ms" (waiting for runs ahead of it on the
-            device), "capture_ms" (a CUDA-graph capture the run triggered), "graph" (bool:
-            replayed from a CUDA graph)}).
+            device), "graph" (bool: replayed from a CUDA graph)}).
 
         Raises:
             KeyError, ModelLoadError (store), NoHealthyDevice, NoRoom, DeviceFault, and what
@@ -167,7 +169,7 @@ class Node:
                     self.predictor.observe(name, ex.device.name, times.run_ms)
                 path = "resident" if not swapped else "nvlink" if pinned else "pcie"
                 return outputs, {"device": ex.device.index, "swap_in": swapped, "path": path, "run_ms": times.run_ms,
-                                 "queue_ms": times.queue_ms, "capture_ms": times.capture_ms, "graph": times.graph}
+                                 "queue_ms": times.queue_ms, "graph": times.graph}
             finally:
                 ex.release(res)
                 if pinned:

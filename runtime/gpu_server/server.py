@@ -249,7 +249,7 @@ class Service:
         start = max(int(e["offset"]) + int(e["nbytes"]) for e in entries) if entries else 0
         out_entries, end = protocol.describe(arrays_out, start)
         reply = {"ok": True, "outputs": out_entries, "device": info["device"], "swap_in": info["swap_in"], "path": info["path"],
-                 "server_ms": server_s * 1e3, "queue_ms": info["queue_ms"], "run_ms": info["run_ms"], "capture_ms": info["capture_ms"],
+                 "server_ms": server_s * 1e3, "queue_ms": info["queue_ms"], "run_ms": info["run_ms"],
                  "graph": info["graph"]}
         if end <= shm.size:
             protocol.write(shm.buf, out_entries, arrays_out)
@@ -350,7 +350,7 @@ def _close_all(fds: list[int]) -> None:
 
 def _account(service: Service, header: dict, reply: dict, seconds: float) -> None:
     """Counts one answered request and logs it at debug level (op, model, status, device, path,
-    ms; for an inference also the run's queue_ms, run_ms, capture_ms and whether a graph replayed it)."""
+    ms; for an inference also the run's queue_ms, run_ms and whether a graph replayed it)."""
     op = header.get("op")
     op = op if isinstance(op, str) and hasattr(service, f"op_{op}") else "unknown"  # bounded label values
     status = 200 if reply.get("ok") else reply.get("status", 500)
@@ -359,8 +359,8 @@ def _account(service: Service, header: dict, reply: dict, seconds: float) -> Non
         fields = {"op": op, "model": header.get("model"), "status": status, "device": reply.get("device"),
                   "path": reply.get("path"), "ms": round(seconds * 1e3, 3),
                   **{k: reply[k] if k == "graph" else round(reply[k], 3)
-                     for k in ("queue_ms", "run_ms", "capture_ms", "graph") if k in reply}}
-        where = "".join(f", {k} {fields[k]}" for k in ("device", "path", "queue_ms", "run_ms", "capture_ms", "graph")
+                     for k in ("queue_ms", "run_ms", "graph") if k in reply}}
+        where = "".join(f", {k} {fields[k]}" for k in ("device", "path", "queue_ms", "run_ms", "graph")
                         if fields.get(k) is not None)
         log.debug("%s %s: %s in %.1f ms%s", op, fields["model"], status, fields["ms"], where, extra={"fields": fields})
 
@@ -546,6 +546,8 @@ def serve(settings: GPUServerSettings) -> None:
     finally:
         if health is not None:
             health.stop()
+        for ex in node.executors:  # no capture step may be under way while the interpreter exits
+            ex.close()
         server.server_close()
         if os.path.exists(settings.socket):
             os.unlink(settings.socket)
