@@ -102,8 +102,11 @@ def main() -> None:
     x = np.random.default_rng(0).standard_normal(specs[0].shape, dtype=np.float32)
     client = GPUServerClient(settings.socket)
     for k, name in enumerate(names):
-        for _ in range(5):  # resident, warm graph captured
+        for _ in range(2):  # resident; the second run queues the graph capture
             client.infer(name, [x], device=k)
+    for ex in node.executors:
+        if not ex.wait_for_captures(120.0):
+            raise RuntimeError(f"device {ex.device.index}: graph capture unfinished after 120 s")
     alone, _ = phase(settings.socket, [(names[0], 0)] * args.clients, x, args.seconds)
     both, firsts = phase(settings.socket, [(names[0], 0)] * args.clients + [(names[1], 1)] * args.clients, x,
                          args.seconds)

@@ -120,8 +120,8 @@ def bench_model(name: str, node: Node, repo: Repository, reps: int, h2d: float) 
         return outputs, info
     for _ in range(2):  # cold eager, then warm eager: queues the graph capture (off the request path)
         serve()
-    if not ex0.wait_for_captures(120.0):
-        raise RuntimeError(f"{name}: the graph capture did not finish within 120 s")
+    if not ex0.wait_for_captures(120.0) or not any(k[0] == name for k in ex0.graphs.pairs):
+        raise RuntimeError(f"{name}: no graph captured within 120 s of its second run")
     serve()
     warm_ms = timed(lambda: serve(), reps)
     warm_out, info = serve()

@@ -22,9 +22,9 @@ for as long as it stays resident. In the 1×H200 node run of 100 CNN functions a
 the runs were such guests' eager runs, 2–5× slower than the graph runs (bench/README.md),
 while a cold-graph swap-in of those models takes about its transfer time (1–4.4 ms). The
 executor lets a home evict any idle model only while the arena is oversubscribed (it had to
-evict to find room lately, so free gaps are passing); with room to spare, only guests — two
-models with graphs at overlapping homes would otherwise evict each other on every request
-in a nearly empty arena. Elsewhere (CPU devices) addresses do not matter and the eviction
+evict or wait to find room lately, so free gaps are passing); with room to spare, only
+guests (models away from their own homes) — two models with graphs at overlapping homes
+would otherwise evict each other on every request in a nearly empty arena. Elsewhere (CPU devices) addresses do not matter and the eviction
 policy alone picks the window.
 """
 from __future__ import annotations
@@ -104,8 +104,7 @@ class Arena:
                 model in use and none whose eviction costs infinity (module docstring).
             home_first: take the home on those terms even while a free gap fits elsewhere,
                 when every owner in its window passes this predicate (the executor's: a
-                guest, with no graphs where it sits; or any, while the arena is
-                oversubscribed).
+                guest, away from its own home; or any, while the arena is oversubscribed).
 
         Returns:
             ``(offset, victims)``; victims is empty when a free gap fits.

@@ -8,9 +8,10 @@ stream); different devices run in parallel.
 
 CUDA-graph captures (graphs.py) are kept off the request path: a run that finds its model
 ready for capture only queues it, and the executor's capture thread does the capture in
-steps (the eager timing, the warm graph, each cold graph) while no request is routed to the
-device, holding the device for one step at a time. A capture of ResNet-101 done inline took
-145 ms of the device in the 1×H200 node run, and every request behind it waited that long.
+steps (one timed run, or one graph captured) while no request is routed to the device — or,
+under sustained load, once the capture has waited CAPTURE_PATIENCE_S — holding the device
+for one step at a time. A capture of ResNet-101 done inline took 145 ms of the device in the
+1×H200 node run, and every request behind it waited that long.
 """
 from __future__ import annotations
 
@@ -42,6 +43,7 @@ PRESSURE_S = 10.0
 # device: under sustained load the device is never idle, and a graph's runs (2-5x faster than
 # eager for the CNNs) give back more device time than its steps take
 CAPTURE_PATIENCE_S = 1.0
+MAX_CAPTURES = 64  # queued captures kept per executor, the oldest dropped beyond (each holds its inputs, partial graphs)
 
 
 class NoRoom(Exception):
@@ -152,6 +154,7 @@ class Executor:
         self._fault_leftovers: list = []  # outputs of failed runs, kept alive (run)
         self._pressed_at = float("-inf")  # last swap-in that found no free gap (PRESSURE_S)
         self._captures: OrderedDict[Key, _Capture] = OrderedDict()
+        self._stepping: _Capture | None = None  # the job whose step is running (outside _cond)
         self._closed = False
         self._capturer = None
         if self.graphs is not None:
@@ -201,6 +204,8 @@ class Executor:
                         return self._swap_in(model, source, defer=not prefetch), True
                     except ArenaFull:
                         pass
+                if res is None:
+                    self._pressed_at = time.monotonic()  # waiting for room: oversubscribed (PRESSURE_S)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise NoRoom(f"no room for {model.name} on device {self.device.index} within {timeout_s:.1f} s: "
@@ -219,9 +224,8 @@ class Executor:
                 priced.append(self._eviction_cost(self))
             return priced[0](owners)
 
-        def guest(owner: str) -> bool:  # no graphs where it sits: it runs eagerly there
-            res = self.resident[owner]
-            return not self.graphs.has_cold(res.model, res.region.offset)
+        def guest(owner: str) -> bool:  # away from its home (graphs are only captured there): it runs eagerly
+            return self.resident[owner].region.offset != self._homes.get(owner)
         now = time.monotonic()
         if not self.fits_without_eviction(model.nbytes):
             self._pressed_at = now
@@ -387,9 +391,11 @@ class Executor:
         # landing check), but the capture waits for a run with every byte landed (it replays
         # the copies itself)
         if key and res.region.offset == self._homes.get(res.model.name) and key not in self._captures \
-                and self.graphs.note_eager(key) and res.gates.swap is None:
+                and self.graphs.note_eager(key) and res.gates.swap is None and not self._closed:
             with self._cond:
                 self._captures[key] = _Capture(key, res.model, res.region.offset, res.module, res.gates, args)
+                while len(self._captures) > MAX_CAPTURES:
+                    self._drop_capture(next(iter(self._captures)))
                 self._cond.notify_all()
         return outputs, False
 
@@ -399,52 +405,91 @@ class Executor:
             self._cond.notify_all()
 
     def _capture_loop(self) -> None:
-        """The capture thread: one step of the oldest queued capture at a time, each while
-        the device is idle (no request routed here) or once the capture has waited
-        CAPTURE_PATIENCE_S; the run lock and the executor's lock are held for the step (no
-        run, and no swap-in putting copies on the copy stream while a capture forks it)."""
+        """The capture thread: one step at a time of the oldest queued capture whose model is
+        at its home now, each while the device is idle (no request routed here) or once that
+        capture has waited CAPTURE_PATIENCE_S. A step holds the run lock (no run meanwhile)
+        and keeps its model in use (never evicted under it); a step that captures a graph
+        takes the executor's lock too (GraphCache.capture's ``copy_lock``)."""
         while True:
             with self._cond:
                 while not self._closed:
-                    if self._captures and self.healthy:
-                        waited = time.monotonic() - next(iter(self._captures.values())).queued_at
-                        if self.queued == 0 or waited >= CAPTURE_PATIENCE_S:
-                            break
-                        self._cond.wait(CAPTURE_PATIENCE_S - waited)
-                    else:
+                    job = self._ready_capture() if self.healthy else None
+                    if job is None:
                         self._cond.wait()
+                        continue
+                    waited = time.monotonic() - job.queued_at
+                    if self.queued == 0 or waited >= CAPTURE_PATIENCE_S:
+                        break
+                    self._cond.wait(CAPTURE_PATIENCE_S - waited)
                 if self._closed:
                     return
-            with self._run_lock, self._cond:
-                if not self._captures or not self.healthy:
-                    continue
-                job = next(iter(self._captures.values()))
-                try:
-                    self._capture_step(job)
-                except Exception:  # the thread must outlive one bad capture (GraphCache.capture logs its own)
-                    log.exception("capture of %s on device %d failed", job.model.name, self.device.index)
-                    if job.key in self._captures:
-                        self._drop_capture(job.key)
+            with self._run_lock:
+                with self._cond:
+                    job = self._ready_capture() if self.healthy else None
+                    res = self._start_step(job) if job is not None else None
+                if job is not None:
+                    self._step(job, res)
 
-    def _capture_step(self, job: _Capture) -> None:
-        """Takes one step of ``job`` (both locks held); drops it when done, or when its model
-        has left its home meanwhile (a later eager run there queues it again)."""
-        res = self.resident.get(job.model.name)
-        if res is not None and not res.landing:
-            res.gates.settle()  # a landed swap's events must not be waited on inside a capture
-        if res is None or res.model is not job.model or res.region.offset != job.offset or res.landing:
-            self._drop_capture(job.key)
-            return
+    def _ready_capture(self) -> _Capture | None:
+        """The oldest queued capture whose model sits landed at the capture's offset now
+        (``_cond`` held). A capture whose model was evicted keeps the steps it took and waits
+        for the model to come home (at high load a model's stay there can be shorter than
+        its capture); one that finds a new version or a new bound module there is dropped."""
+        for job in list(self._captures.values()):
+            res = self.resident.get(job.model.name)
+            if res is None or res.region.offset != job.offset or res.landing:
+                continue
+            if res.model is not job.model or res.module is not job.module or res.gates is not job.gates:
+                self._drop_capture(job.key)
+                continue
+            return job
+        return None
+
+    def _start_step(self, job: _Capture) -> Residency:
+        """Pins ``job``'s model for one step (``_cond`` held) and returns its residency."""
+        res = self.resident[job.model.name]
+        res.gates.settle()  # landed: its events must not be waited on inside a capture
+        res.in_use += 1
         if job.steps is None:
-            job.steps = self.graphs.capture(job.key, job.module, job.gates, job.model, job.offset, job.inputs)
-        with torch.inference_mode(), self.device.computing():
-            finished = next(job.steps, True) is True
-        if finished:
-            self._drop_capture(job.key)
+            job.steps = self.graphs.capture(job.key, job.module, job.gates, job.model, job.offset, job.inputs,
+                                            copy_lock=self._cond)
+        self._stepping = job
+        return res
+
+    def _step(self, job: _Capture, res: Residency) -> None:
+        """Runs one step of ``job`` (run lock held) and ends it: the pair enters the graph
+        cache after the last step, unless the job was dropped meanwhile (forget)."""
+        done, pair, fault = False, None, None
+        try:
+            with torch.inference_mode(), self.device.computing():
+                next(job.steps)
+        except StopIteration as stop:
+            done, pair = True, stop.value
+        except torch.AcceleratorError as exc:
+            fault = exc
+        except Exception:  # the thread outlives one bad capture
+            log.exception("capture of %s on device %d failed", job.model.name, self.device.index)
+            done = True
+        with self._cond:
+            self._stepping = None
+            res.in_use -= 1
+            queued = self._captures.get(job.key) is job
+            if fault is not None:
+                self.healthy = False
+                self.fault = f"{type(fault).__name__}: {fault}"
+                self._fault_leftovers.append((job, fault))  # nothing it holds may be freed now (run)
+                self._captures.pop(job.key, None)
+            elif done and queued:
+                if pair is not None:
+                    self.graphs.add(job.key, pair)
+                self._drop_capture(job.key)
+            elif not queued:
+                job.steps.close()  # dropped during the step
+            self._cond.notify_all()
 
     def _drop_capture(self, key: Key) -> None:
         job = self._captures.pop(key)
-        if job.steps is not None:
+        if job.steps is not None and job is not self._stepping:  # a running generator cannot be closed
             job.steps.close()
         self._cond.notify_all()
 
@@ -458,14 +503,14 @@ class Executor:
             return not self._captures
 
     def close(self) -> None:
-        """Stops the capture thread (a step under way finishes first)."""
+        """Stops the capture thread (a step under way finishes first) and queues no more."""
         with self._cond:
             self._closed = True
             for key in list(self._captures):
                 self._drop_capture(key)
             self._cond.notify_all()
         if self._capturer is not None:
-            self._capturer.join()
+            self._capturer.join(timeout=10.0)
 
     def snapshot(self) -> dict:
         """Device state for stats, Redis and scheduling (JSON-serialisable)."""

@@ -26,7 +26,7 @@ import logging
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Generator, Iterator
 
 import torch
 
@@ -102,14 +102,14 @@ class GraphCache:
 
     def has_cold(self, model, offset: int) -> bool:
         """Whether some input signature of ``model`` at ``offset`` has a cold graph."""
-        return any(k[1] == id(model) and k[2] == offset for k in self.pairs)
+        return any(k[1] == id(model) and k[2] == offset for k in list(self.pairs))
 
     def cold_beats_eager(self, model, offset: int) -> bool:
         """Whether some cold graph of ``model`` at ``offset`` (its copies and kernels) replayed
         faster than the model's eager run, both timed at capture: then a swap-in back to
         ``offset`` beats running resident elsewhere, eagerly (arena.py, ``home_first``)."""
         return any(k[1] == id(model) and k[2] == offset and p.cold_ms[p.group_bytes] <= p.eager_ms
-                   for k, p in self.pairs.items())
+                   for k, p in list(self.pairs.items()))
 
     def cold_for(self, model, offset: int, inputs: list[torch.Tensor]) -> GraphPair | None:
         return self.get(self.key(model, offset, inputs))
@@ -129,28 +129,33 @@ class GraphCache:
         self.seen[key] += 1
         return self.seen[key] >= 2
 
-    def capture(self, key: Key, module, gates, model, offset: int, static: list[torch.Tensor],
-                group_sizes: tuple[int, ...] = GROUP_CANDIDATES) -> Iterator[None]:
+    def capture(self, key: Key, module, gates, model, offset: int, static: list[torch.Tensor], copy_lock,
+                group_sizes: tuple[int, ...] = GROUP_CANDIDATES) -> Generator[None, None, GraphPair | None]:
         """Captures the graphs of ``key`` in steps: a generator whose every ``next()`` does
         one step on the device and yields (the executor's capture thread runs one step at a
         time while the device is idle; the model must be resident, landed and at ``offset``
-        at every step — replaying a cold graph then rewrites the same bytes). Each step is
-        one eager run or replay, or one capture: the eager run timed, the warm graph captured
-        and timed, then one cold graph per copy group size in ``group_sizes`` (a size >= the
-        model's bytes is one bulk copy) captured and timed.
-        The fastest cold graph is kept: the group size — pipelined or bulk — is chosen per
-        model, device and input shape from measurement, once: a later capture of the same
-        model and inputs (after this cache dropped its pair) takes the chosen size and
-        captures one cold graph, untimed. The eager run and the graphs are timed alike
-        (medians of a few runs on the device-resident ``static`` inputs), for
-        :attr:`GraphPair.warm_beats_eager` and :meth:`cold_beats_eager`. The pair enters
-        the cache after the last step. When the forward cannot be captured the key stays
-        eager for good (logged); closing the generator early discards the steps taken.
+        at every step — replaying a cold graph rewrites the same bytes). Each step is one
+        eager run or replay, or one capture: the eager run timed, the warm graph captured and
+        timed, then one cold graph per copy group size in ``group_sizes`` (a size >= the
+        model's bytes is one bulk copy) captured and timed. The fastest cold graph is kept:
+        the group size — pipelined or bulk — is chosen per model, device and input shape from
+        measurement, once: a later capture of the same model and inputs (after this cache
+        dropped its pair) takes the chosen size and captures one cold graph, untimed. The
+        eager run and the graphs are timed alike (medians of a few runs on the
+        device-resident ``static`` inputs), for :attr:`GraphPair.warm_beats_eager` and
+        :meth:`cold_beats_eager`. The generator returns the pair (for :meth:`add`), or None
+        when the forward cannot be captured (a host sync, dynamic shapes: the key stays eager
+        for good, logged); closing it early discards the steps taken.
 
         Args:
             key: the key (:meth:`key`) of ``model`` at ``offset`` with these inputs.
             module, gates: the model's device-bound module at ``offset`` and its swap gates.
             static: the inputs on the device, kept as the graphs' static inputs.
+            copy_lock: held while a graph is captured: no swap-in may put copies on the copy
+                stream while a capture forks it.
+
+        Raises:
+            torch.AcceleratorError: the device failed (a sticky CUDA error).
         """
         dev = self.device
         spent = grown = 0.0
@@ -159,8 +164,11 @@ class GraphCache:
             nonlocal spent, grown
             started, before = time.perf_counter(), torch.cuda.memory_reserved(dev.torch_device)
             out = issue()
-            spent += time.perf_counter() - started
-            grown += torch.cuda.memory_reserved(dev.torch_device) - before
+            took = time.perf_counter() - started
+            spent += took
+            self.capture_s += took  # abandoned captures held the device too
+            # capturing empties the allocator's cache first, so only growth is the graphs'
+            grown += max(0, torch.cuda.memory_reserved(dev.torch_device) - before)
             return out
 
         def timed(issue) -> Iterator[None]:  # one run per step; the median lands in times[-1]
@@ -185,28 +193,35 @@ class GraphCache:
                 with torch.cuda.graph(warm, pool=self.pool, stream=dev.compute_stream,
                                       capture_error_mode="thread_local"):
                     return flatten(module(*static))
-            warm_out = step(capture_warm)
+            with copy_lock:
+                warm_out = step(capture_warm)
             yield
             yield from timed(warm.replay)
             warm_ms = times[-1]
             for size in sizes:
-                cold, cold_out = step(lambda: self._capture_cold(module, gates, model, offset, static, size))
+                with copy_lock:
+                    cold, cold_out = step(lambda: self._capture_cold(module, gates, model, offset, static, size))
                 yield
                 if not known:
                     yield from timed(cold.replay)
                     cold_ms[size] = times[-1]
                 if best is None or cold_ms[size] < cold_ms[best[0]]:
                     best = (size, cold, cold_out)
+        except torch.AcceleratorError:
+            raise
         except Exception as exc:  # capture refuses host syncs, dynamic shapes...: this key stays eager
             log.info("model %s cannot be captured for %s: %s", model.name, key[3], exc)
             self.uncapturable.add(key)
-            return
+            return None
         size, cold, cold_out = best
         self.chosen[(key[0], key[1], key[3])] = (size, cold_ms)
-        pair = GraphPair(static, warm, warm_out, cold, cold_out, spent * 1e3, int(grown), size, cold_ms, eager_ms,
+        return GraphPair(static, warm, warm_out, cold, cold_out, spent * 1e3, int(grown), size, cold_ms, eager_ms,
                          warm_ms, model.buffer)
+
+    def add(self, key: Key, pair: GraphPair) -> None:
+        """Keeps a captured pair (:meth:`capture`), dropping the least recently used beyond
+        the capacity."""
         self.captures += 1
-        self.capture_s += spent
         self.pairs[key] = pair
         while len(self.pairs) > self.capacity:
             self.pairs.popitem(last=False)
@@ -228,7 +243,7 @@ class GraphCache:
     def drop(self, name: str) -> None:
         """Forgets every graph of model ``name`` (unregistered or re-registered), and what was
         counted or learnt about it."""
-        for key in [k for k in self.pairs if k[0] == name]:
+        for key in [k for k in list(self.pairs) if k[0] == name]:
             del self.pairs[key]
         for key in [k for k in self.chosen if k[0] == name]:
             del self.chosen[key]
@@ -238,11 +253,14 @@ class GraphCache:
 
     def stats(self) -> dict:
         """Graph count, capture time of the graphs kept (ms), pool growth attributed to
-        captures (bytes), and the captures since start with their time (s)."""
-        return {"graphs": 2 * len(self.pairs), "capture_ms": sum(p.capture_ms for p in self.pairs.values()),
+        captures (bytes), and the captures since start with the device time of every capture
+        step, finished or abandoned (s). Reads a snapshot of the pairs: :meth:`get` reorders
+        them under the executor's run lock while this runs under its other lock."""
+        pairs = list(self.pairs.items())
+        return {"graphs": 2 * len(pairs), "capture_ms": sum(p.capture_ms for _, p in pairs),
                 "graph_captures": self.captures, "graph_capture_seconds": self.capture_s,
-                "group_bytes": {k[0]: p.group_bytes for k, p in self.pairs.items()},
-                "pool_bytes": sum(p.pool_bytes for p in self.pairs.values())}
+                "group_bytes": {k[0]: p.group_bytes for k, p in pairs},
+                "pool_bytes": sum(p.pool_bytes for _, p in pairs)}
 
 
 def _time_ms(issue, dev: Device) -> float:

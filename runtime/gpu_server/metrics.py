@@ -217,7 +217,7 @@ class ServerMetrics:
             labels, buckets=LATENCY_BUCKETS, registry=self.registry)
         self.wait_seconds = Histogram(
             "torpor_gpu_request_wait_seconds",
-            "Time of successful inferences outside their run: device choice, queue, room, swap-in issue, a graph capture",
+            "Time of successful inferences outside their run: device choice, queue, room, swap-in issue, a capture step",
             labels, buckets=LATENCY_BUCKETS, registry=self.registry)
         self.prefetches = Counter("torpor_gpu_prefetches",
                                   "Prefetches answered, by device and path: resident (nothing to copy), pcie, nvlink",
