@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 
 import click
 import redis
-import requests
 
 from controller_plugin import attainment, state
 from controller_plugin.api import models_of
@@ -652,11 +651,11 @@ class Invoker:
         discard = True
         try:
             status, body = container.run(payload, spec.timeout_ms / 1000)
-        except requests.Timeout:
+        except TimeoutError:
             container.kill()
             return _error(DEVELOPER_ERROR, f"The action exceeded its time limits of {spec.timeout_ms} milliseconds.",
                           logs=container.logs(0.1), timed_out=True)
-        except requests.RequestException:
+        except ConnectionError:
             if self._abandon.is_set():
                 raise _Requeue(msg) from None
             return _error(DEVELOPER_ERROR, "The action did not produce a valid response and exited unexpectedly.",
