@@ -18,7 +18,8 @@ and the same for every tree):
 Latency is measured by this process around each call (request sent → body read), in ms.
 
 With ``--base DIR`` the script runs itself ``--pairs`` times on each of two trees, the tree in
-``DIR`` (an export of the commit to compare against, e.g. ``git archive``) and this one,
+``DIR`` (an export of the commit to compare against, e.g. ``git archive``) and ``--tree``
+(default: this checkout),
 interleaved (base, this, base, this, ...) so that the machine's drift hits both alike; each run
 is a fresh child process with ``PYTHONPATH`` set to its tree, so the stack's processes import
 that tree. The JSON then holds every run and, per series, the median over the runs of each
@@ -118,9 +119,8 @@ def run_once(calls: int, warmup: int) -> dict:
     return out
 
 
-def compare(base: str, pairs: int, calls: int, warmup: int) -> dict:
-    """Runs this script on ``base`` and on this tree, interleaved, ``pairs`` times each."""
-    here = str(Path(__file__).resolve().parent.parent)
+def compare(base: str, here: str, pairs: int, calls: int, warmup: int) -> dict:
+    """Runs this script on ``base`` and on ``here``, interleaved, ``pairs`` times each."""
     runs = []
     for pair in range(pairs):
         for label, tree in (("base", base), ("this", here)):
@@ -150,6 +150,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=30, help="untimed calls per series before them")
     parser.add_argument("--base", help="tree to compare against (interleaved pairs of runs)")
     parser.add_argument("--base-label", default="", help="what --base is, e.g. its commit, for the JSON")
+    parser.add_argument("--tree", help="tree measured against --base (default: this checkout; an export "
+                                       "keeps edits made meanwhile out of the runs)")
+    parser.add_argument("--tree-label", default="", help="what --tree is, for the JSON")
     parser.add_argument("--pairs", type=int, default=3, help="pairs of runs with --base")
     parser.add_argument("--out", help="write the JSON here")
     parser.add_argument("--json", action="store_true", help="print one JSON line (used by --base)")
@@ -160,7 +163,9 @@ def main() -> None:
               "python": platform.python_version(), "calls": args.calls, "warmup": args.warmup,
               "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     if args.base:
-        result.update({"base": args.base_label or args.base, **compare(args.base, args.pairs, args.calls, args.warmup)})
+        tree = args.tree or here
+        result.update({"base": args.base_label or args.base, "this": args.tree_label or tree,
+                       **compare(args.base, tree, args.pairs, args.calls, args.warmup)})
     else:
         import runtime
         result["tree"] = str(Path(runtime.__file__).resolve().parent.parent)
