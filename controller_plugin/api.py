@@ -622,8 +622,7 @@ def create_app(settings: ControllerSettings) -> Flask:
         if wait_override is not None:
             wait_ms = min(wait_ms, wait_override)
         try:
-            state.wait_done(r, activation_id, wait_ms)
-            record = state.get_activation(r, activation_id)
+            record = state.wait_done(r, activation_id, wait_ms)
         except redis.RedisError:
             # queued already: the activation runs whatever happens to this wait (a Redis
             # restart), so the caller gets its id to poll, not an error inviting a second run

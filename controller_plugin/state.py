@@ -301,13 +301,20 @@ def is_final(record: dict) -> bool:
     return bool(record.get("end"))
 
 
-def wait_done(r: redis.Redis, activation_id: str, timeout_ms: int) -> bool:
+def wait_done(r: redis.Redis, activation_id: str, timeout_ms: int) -> dict | None:
     """Blocks until the activation's done marker arrives or ``timeout_ms`` passes.
 
     Returns:
-        True when the marker was taken (the final record is stored), False on timeout.
+        The final record (carried by the marker of a blocking activation, else read from
+        Redis once the marker is taken), or None on timeout.
     """
-    return r.blpop([done_key(activation_id)], timeout=max(timeout_ms, 1) / 1000) is not None
+    popped = r.blpop([done_key(activation_id)], timeout=max(timeout_ms, 1) / 1000)
+    if popped is None:
+        return None
+    marker = _text(popped[1])
+    if marker.startswith("{"):
+        return json.loads(marker)
+    return get_activation(r, activation_id)
 
 
 def iter_activations(r: redis.Redis, namespace: str, *, name: str | None = None,
@@ -381,16 +388,18 @@ def final_record(pending: dict, status_code: int, result: Any, *, start_ms: int,
             "response": response_for(status_code, result), "logs": list(logs), "annotations": annotations}
 
 
-def finish_activation(r: redis.Redis, record: dict) -> None:
+def finish_activation(r: redis.Redis, record: dict, blocking: bool = False) -> None:
     """Stores a final activation record and wakes whoever waits for it.
 
     In one transaction: the record is written to ``torpor:activation:{id}`` (TTL 7 days),
     indexed in ``torpor:activations:{ns}`` if it was not, its namespace's in-flight slot is
-    given back, and the done marker (the activation id) is pushed onto
-    ``torpor:activation:{id}:done`` (TTL 5 minutes).
+    given back, and the done marker is pushed onto ``torpor:activation:{id}:done`` (TTL 5
+    minutes): the record itself for a ``blocking`` activation, whose caller then needs no
+    second read (:func:`wait_done`), else the activation id.
 
     Args:
         record: a final activation record, e.g. from :func:`final_record`.
+        blocking: whether a caller waits for the activation (the message's ``blocking``).
 
     Raises:
         ValueError: the record is not final (no ``end``) or its ``response.statusCode`` is
@@ -402,11 +411,12 @@ def finish_activation(r: redis.Redis, record: dict) -> None:
     if status_code not in STATUS_MESSAGES:
         raise ValueError(f"activation response.statusCode must be 0..3, not {status_code!r}")
     activation_id, namespace = record["activationId"], record["namespace"]
+    text = json.dumps(record)
     pipe = r.pipeline(transaction=True)
-    pipe.set(activation_key(activation_id), json.dumps(record), ex=ACTIVATION_TTL_S)
+    pipe.set(activation_key(activation_id), text, ex=ACTIVATION_TTL_S)
     pipe.zadd(activations_key(namespace), {activation_id: record["start"]}, nx=True)
     pipe.zrem(running_key(namespace), activation_id)
-    pipe.lpush(done_key(activation_id), activation_id)
+    pipe.lpush(done_key(activation_id), text if blocking else activation_id)
     pipe.expire(done_key(activation_id), DONE_TTL_S)
     pipe.execute()
 

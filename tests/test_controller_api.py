@@ -739,9 +739,14 @@ def test_finish_activation_contract(redis_url):
     assert r.lrange(state.done_key("ab" * 16), 0, -1) == [b"ab" * 16]
     assert 0 < r.ttl(state.done_key("ab" * 16)) <= 300
     assert r.zcard(state.running_key("guest")) == 0
-    assert state.wait_done(r, "ab" * 16, 50) is True
-    assert state.wait_done(r, "ab" * 16, 50) is False
+    assert state.wait_done(r, "ab" * 16, 50) == final
+    assert state.wait_done(r, "ab" * 16, 50) is None
     assert [rec["activationId"] for rec in state.iter_activations(r, "guest")] == ["ab" * 16]
+    # a blocking activation's marker carries the record: the waiter reads nothing else
+    state.finish_activation(r, final, blocking=True)
+    assert json.loads(r.lrange(state.done_key("ab" * 16), 0, -1)[0]) == final
+    r.delete(state.activation_key("ab" * 16))
+    assert state.wait_done(r, "ab" * 16, 50) == final
 
 
 # --- dead nodes ----------------------------------------------------------------------------

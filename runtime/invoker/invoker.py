@@ -544,7 +544,7 @@ class Invoker:
         delay = 0.05
         while True:
             try:
-                state.finish_activation(self.redis, record)
+                state.finish_activation(self.redis, record, blocking=msg.get("blocking") is True)
                 self._recorder.finish(self.inflight_key, raw, msg, record, self.settings.node_id)
                 return
             except redis.RedisError as exc:
