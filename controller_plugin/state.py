@@ -201,32 +201,56 @@ class Throttled(Exception):
     """A namespace is over one of its limits; ``str(exc)`` is OpenWhisk's 429 message."""
 
 
-def admit(r: redis.Redis, namespace: str, activation_id: str, *, now_ms: int, hold_until_ms: int,
-          concurrent_limit: int, per_minute_limit: int) -> None:
-    """Counts one invocation against the namespace's limits and takes an in-flight slot.
+# KEYS: running set, rate counter, activation record, activation index.
+# ARGV: now ms, hold-until ms, activation id, concurrent limit, per-minute limit, rate TTL s,
+# pending record JSON, its start ms, record TTL s, oldest index score kept.
+_ADMIT_LUA = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
+local in_flight = redis.call('ZCARD', KEYS[1])
+local this_minute = redis.call('INCR', KEYS[2])
+redis.call('EXPIRE', KEYS[2], ARGV[6])
+if this_minute > tonumber(ARGV[5]) then
+  redis.call('ZREM', KEYS[1], ARGV[3])
+  return {1, this_minute}
+end
+if in_flight > tonumber(ARGV[4]) then
+  redis.call('ZREM', KEYS[1], ARGV[3])
+  return {2, in_flight}
+end
+redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[9])
+redis.call('ZADD', KEYS[4], ARGV[8], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[10])
+return {0, 0}
+"""
 
-    Every attempt counts towards the per-minute limit, admitted or not (as in OpenWhisk).
+
+def admit(r: redis.Redis, record: dict, *, hold_until_ms: int, concurrent_limit: int,
+          per_minute_limit: int) -> None:
+    """Counts one invocation against its namespace's limits, takes an in-flight slot and
+    stores the pending ``record`` (as :func:`put_pending`), in one script: one round trip,
+    and no slot is ever held without its record.
+
+    Every attempt counts towards the per-minute limit, admitted or not (as in OpenWhisk); the
+    clock minute and the expiry of older slots come from the record's ``start`` (epoch ms).
     The slot is given back by :func:`finish_activation` or :func:`release`, or lapses at
     ``hold_until_ms`` (epoch ms).
 
     Raises:
         Throttled: over ``per_minute_limit`` invocations this clock minute, or over
-            ``concurrent_limit`` activations in flight; no slot is held then.
+            ``concurrent_limit`` activations in flight; no slot is held and no record
+            stored then.
     """
-    running, rate = running_key(namespace), rate_key(namespace, now_ms // 60000)
-    pipe = r.pipeline(transaction=True)
-    pipe.zremrangebyscore(running, "-inf", now_ms)
-    pipe.zadd(running, {activation_id: hold_until_ms})
-    pipe.zcard(running)
-    pipe.incr(rate)
-    pipe.expire(rate, RATE_TTL_S)
-    _, _, in_flight, this_minute, _ = pipe.execute()
-    if this_minute > per_minute_limit:
-        release(r, namespace, activation_id)
-        raise Throttled(f"Too many requests in the last minute (count: {this_minute}, allowed: {per_minute_limit}).")
-    if in_flight > concurrent_limit:
-        release(r, namespace, activation_id)
-        raise Throttled(f"Too many concurrent requests in flight (count: {in_flight - 1}, "
+    namespace, activation_id, now_ms = record["namespace"], record["activationId"], record["start"]
+    keys = [running_key(namespace), rate_key(namespace, now_ms // 60000), activation_key(activation_id),
+            activations_key(namespace)]
+    args = [now_ms, hold_until_ms, activation_id, concurrent_limit, per_minute_limit, RATE_TTL_S,
+            json.dumps(record), now_ms, ACTIVATION_TTL_S, now_ms - ACTIVATION_TTL_S * 1000]
+    refused, count = r.register_script(_ADMIT_LUA)(keys=keys, args=args)
+    if refused == 1:
+        raise Throttled(f"Too many requests in the last minute (count: {count}, allowed: {per_minute_limit}).")
+    if refused == 2:
+        raise Throttled(f"Too many concurrent requests in flight (count: {count - 1}, "
                         f"allowed: {concurrent_limit}).")
 
 
