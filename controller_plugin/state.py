@@ -128,7 +128,7 @@ def replace_action(r: redis.Redis, namespace: str, name: str,
                    build: Callable[[dict | None], dict]) -> dict:
     """Writes ``build(current record or None)`` as the action, with a new ``revision``,
     atomically against concurrent updates; the record it replaces is kept for
-    :data:`REVISION_TTL_S` under its revision (:func:`get_revision`).
+    :data:`REVISION_TTL_S` under its revision (:func:`revision_key`).
 
     ``build`` may be called more than once (it is retried when another writer got there
     first) and may raise to abandon the update; its exception propagates.
@@ -153,15 +153,6 @@ def _keep_revision(pipe: redis.client.Pipeline, namespace: str, name: str, recor
     # accepted), however the action changes meanwhile
     if isinstance(record.get("revision"), str):
         pipe.set(revision_key(namespace, name, record["revision"]), raw, ex=REVISION_TTL_S)
-
-
-def get_revision(r: redis.Redis, namespace: str, name: str, revision: str) -> str | None:
-    """The raw JSON of revision ``revision`` of an action, current or kept after a change,
-    or None."""
-    raw = r.hget(actions_key(namespace), name)
-    if raw is not None and json.loads(raw).get("revision") == revision:
-        return raw
-    return r.get(revision_key(namespace, name, revision))
 
 
 def delete_action(r: redis.Redis, namespace: str, name: str) -> dict | None:

@@ -299,6 +299,19 @@ def test_an_activation_runs_the_revision_it_was_accepted_with(r, make_invoker):
     assert gone["statusCode"] == 3 and "no longer kept" in gone["result"]["error"]
 
 
+def test_a_record_rewritten_in_place_runs_as_rewritten(r, make_invoker):
+    """The invoker keeps parsed action records, keyed by their bytes: a record rewritten
+    under the same name (no revision in the message) runs its new code, and a message's own
+    time limit applies even to a record parsed before."""
+    make_invoker()
+    put_action(r, "inplace", "def main(args):\n    return {'v': 1}\n")
+    assert record_of(r, submit(r, "inplace"))["response"]["result"] == {"v": 1}
+    put_action(r, "inplace", "import time\ndef main(args):\n    time.sleep(1)\n    return {'v': 2}\n")
+    assert record_of(r, submit(r, "inplace"))["response"]["result"] == {"v": 2}
+    late = record_of(r, submit(r, "inplace", timeout_ms=300))
+    assert late["response"]["statusCode"] == 2 and "300 milliseconds" in late["response"]["result"]["error"]
+
+
 def test_deleted_action_and_malformed_message(r, make_invoker):
     make_invoker()
     rec = record_of(r, submit(r, "ghost"))

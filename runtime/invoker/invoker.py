@@ -16,6 +16,7 @@ import os
 import signal
 import threading
 import time
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -63,6 +64,7 @@ if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 1 then
 end
 return 0
 """
+ACTION_CACHE = 256  # parsed action records kept (least recently used dropped first)
 DEFAULT_LIMITS = {"timeout": 60000, "memory": 256, "logs": 10, "concurrency": 1}
 
 
@@ -242,6 +244,9 @@ class Invoker:
         self._prefetcher = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch")
         self._threads: list[threading.Thread] = []
         self._http = None
+        # (namespace, name) -> (raw record, timeout ms of the message, parsed record, spec)
+        self._actions: OrderedDict[tuple[str, str], tuple[bytes, int | None, dict, ActionSpec]] = OrderedDict()
+        self._actions_lock = threading.Lock()
 
     # --- life cycle ------------------------------------------------------------------------
 
@@ -514,15 +519,19 @@ class Invoker:
             log.error("dropping a malformed activation message %r: %s", raw[:200], exc)
             self.redis.lrem(self.inflight_key, 1, raw)
             return True
-        existing = state.get_activation(self.redis, msg["activationId"])
-        if existing is not None and state.is_final(existing):
+        # one round trip for both: whether the activation already ended, and its action
+        with self.redis.pipeline(transaction=False) as pipe:
+            pipe.get(state.activation_key(msg["activationId"]))
+            pipe.hget(state.actions_key(msg["namespace"]), msg["action"])
+            existing, current = pipe.execute()
+        if existing is not None and state.is_final(json.loads(existing)):
             # a message put back after its record was stored (a crash or a Redis failure
             # between the two): running it again would run the activation twice
             log.warning("activation %s is already final: its message is dropped, not run again", msg["activationId"])
             self.redis.lrem(self.inflight_key, 1, raw)
             return True
         try:
-            record = self.run_activation(msg, raw)
+            record = self.run_activation(msg, raw, current)
         except _Requeue as requeue:
             self._requeue(raw, requeue.message)
             return False
@@ -562,9 +571,10 @@ class Invoker:
             pipe.execute()
         log.info("re-queued activation %s (attempt %s)", msg["activationId"], msg.get("attempt"))
 
-    def run_activation(self, msg: dict, raw: bytes) -> dict:
+    def run_activation(self, msg: dict, raw: bytes, current: bytes | None) -> dict:
         """Runs one activation message (``docs/architecture.md``) and returns its final record.
-        ``raw``: the message as taken from the in-flight list, where a re-dispatch removes it.
+        ``raw``: the message as taken from the in-flight list, where a re-dispatch removes it;
+        ``current``: the action's record as stored now (None: deleted), read with the message.
 
         Raises:
             _Requeue: the message must go back onto the queue (runtime shutting down, or the
@@ -575,7 +585,7 @@ class Invoker:
         start = now_ms()
         outages = self._gpu_outages
         prefetches = self._prefetch(msg.get("models") or [], msg.get("gpu"))
-        action, outcome = self._execute(msg)
+        action, outcome = self._execute(msg, current)
         if outcome.status_code != SUCCESS and msg.get("models") and self.gpu_socket and self._gpu_lost(outages):
             outcome = self._after_gpu_loss(msg, outcome, raw)
         record = self._record(msg, action, start, outcome)
@@ -607,26 +617,20 @@ class Invoker:
                  "warm" if fields["init_ms"] is None else f"init {fields['init_ms']} ms", slo_ms,
                  "met" if met else "missed", extra={"fields": fields})
 
-    def _execute(self, msg: dict) -> tuple[dict | None, Outcome]:
+    def _execute(self, msg: dict, current: bytes | None) -> tuple[dict | None, Outcome]:
         ns, name, revision = msg["namespace"], msg["action"], msg.get("revision")
-        if isinstance(revision, str):  # the revision the controller accepted, even if changed since
-            raw = state.get_revision(self.redis, ns, name, revision)
-            if raw is None and self.redis.hexists(state.actions_key(ns), name):
-                return None, _error(WHISK_ERROR, f"The revision of the action {ns}/{name} (version "
-                                                    f"{msg.get('version')}) that accepted this activation is no "
-                                                    f"longer kept: it was replaced more than {state.REVISION_TTL_S} s "
-                                                    "before the activation ran.")
-        else:
-            raw = self.redis.hget(state.actions_key(ns), name)
-        if raw is None:
-            return None, _error(WHISK_ERROR, f"The action {ns}/{name} no longer exists: "
-                                                "it was deleted after the activation was submitted.")
         try:
-            action = json.loads(raw)
-            timeout_ms = msg.get("timeout_ms") or action_limits(action)["timeout"]
-            spec = action_spec(ns, name, action, raw, timeout_ms, self.settings.node_secret)
+            action, spec = self._action(msg, current)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             return None, _error(WHISK_ERROR, f"The action record of {ns}/{name} is malformed: {exc}")
+        if action is None and isinstance(revision, str) and current is not None:
+            return None, _error(WHISK_ERROR, f"The revision of the action {ns}/{name} (version "
+                                                f"{msg.get('version')}) that accepted this activation is no "
+                                                f"longer kept: it was replaced more than {state.REVISION_TTL_S} s "
+                                                "before the activation ran.")
+        if action is None:
+            return None, _error(WHISK_ERROR, f"The action {ns}/{name} no longer exists: "
+                                                "it was deleted after the activation was submitted.")
         t0 = time.monotonic()
         try:
             container, init_ms = self.pool.acquire(spec)
@@ -639,6 +643,51 @@ class Invoker:
         outcome = self._run(msg, action, spec, container)
         outcome.init_ms = init_ms
         return action, outcome
+
+    def _action(self, msg: dict, current: bytes | None) -> tuple[dict | None, ActionSpec | None]:
+        """The action record the activation runs and its spec: the revision the controller
+        accepted (``msg["revision"]``: ``current`` when it is that one, else the kept copy),
+        or ``current`` for a message without one; (None, None) when that record is gone.
+
+        Raises:
+            ValueError, TypeError, KeyError, AttributeError: a malformed record.
+        """
+        ns, name, revision = msg["namespace"], msg["action"], msg.get("revision")
+        timeout_ms = msg.get("timeout_ms")
+        if current is not None:
+            action, spec = self._parsed(ns, name, current, timeout_ms)
+            if not isinstance(revision, str) or action.get("revision") == revision:
+                return action, spec
+        if not isinstance(revision, str):
+            return None, None
+        raw = self.redis.get(state.revision_key(ns, name, revision))  # replaced or deleted since: the kept copy
+        if raw is None:
+            return None, None
+        action = json.loads(raw)
+        return action, action_spec(ns, name, action, raw, timeout_ms or action_limits(action)["timeout"],
+                                   self.settings.node_secret)
+
+    def _parsed(self, ns: str, name: str, raw: bytes, timeout_ms: int | None) -> tuple[dict, ActionSpec]:
+        """The action record ``raw`` of ``ns``/``name`` parsed, and its spec for an activation
+        of ``timeout_ms`` (None: the action's own limit), from the cache when the same bytes
+        were parsed before: parsing, hashing and signing a record cost more than comparing
+        it, and a zipped action's record is megabytes."""
+        key = (ns, name)
+        with self._actions_lock:
+            cached = self._actions.get(key)
+            if cached is not None:
+                self._actions.move_to_end(key)
+        if cached is not None and cached[0] == raw and cached[1] == timeout_ms:
+            return cached[2], cached[3]
+        action = json.loads(raw)
+        spec = action_spec(ns, name, action, raw, timeout_ms or action_limits(action)["timeout"],
+                           self.settings.node_secret)
+        with self._actions_lock:
+            self._actions[key] = (raw, timeout_ms, action, spec)
+            self._actions.move_to_end(key)
+            while len(self._actions) > ACTION_CACHE:
+                self._actions.popitem(last=False)
+        return action, spec
 
     def _run(self, msg: dict, action: dict, spec: ActionSpec, container: Container) -> Outcome:
         defaults, _ = action_parameters(action)
