@@ -149,6 +149,21 @@ def test_log_stream_splits_at_sentinels_and_survives_a_late_one():
     stream.join(2)
 
 
+def test_a_result_is_stored_as_the_runtime_wrote_it():
+    from controller_plugin import state
+    from runtime.invoker.invoker import interpret
+
+    outcome = interpret(200, b'{"x": [0.1, 2], "s": "\\u00e9"}')
+    assert outcome.result == {"x": [0.1, 2], "s": "\u00e9"} and outcome.result_json == '{"x": [0.1, 2], "s": "\\u00e9"}'
+    record = {"activationId": "a" * 32, "namespace": "guest", "name": "a", "start": 1, "end": 2, "logs": ["x"],
+              "annotations": [{"key": "path", "value": "guest/a"}], "response": state.response_for(0, outcome.result)}
+    assert json.loads(state.record_json(record, outcome.result_json)) == record
+    # what json.loads reads but JSON text may not hold is encoded again, as are errors
+    assert interpret(200, b"\xef\xbb\xbf{\"a\": 1}").result_json is None
+    assert interpret(200, '{"a": 1}'.encode("utf-16")).result_json is None
+    assert interpret(200, b'{"error": "no"}').result_json is None
+
+
 def test_code_action_success_record_and_logs(r, make_invoker, redis_url, monkeypatch):
     monkeypatch.setenv("TORPOR_REDIS_URL", redis_url)
     invoker = make_invoker()
