@@ -16,6 +16,9 @@ and the same for every tree):
   input, a model call through the GPU server, 1,000 floats back), ``result=true``.
 
 Latency is measured by this process around each call (request sent → body read), in ms.
+``stack_cpu_ms`` is the CPU time the stack's processes (everything this process started,
+action runtimes included) used per timed call, ms: on a shared machine other processes' load
+moves the latencies by milliseconds, the CPU time per call much less.
 
 With ``--base DIR`` the script runs itself ``--pairs`` times on each of two trees, the tree in
 ``DIR`` (an export of the commit to compare against, e.g. ``git archive``) and ``--tree``
@@ -23,7 +26,7 @@ With ``--base DIR`` the script runs itself ``--pairs`` times on each of two tree
 interleaved (base, this, base, this, ...) so that the machine's drift hits both alike; each run
 is a fresh child process with ``PYTHONPATH`` set to its tree, so the stack's processes import
 that tree. The JSON then holds every run and, per series, the median over the runs of each
-run's p50 and p90.
+run's p10, p50, p90 and ``stack_cpu_ms``.
 """
 from __future__ import annotations
 
@@ -55,6 +58,30 @@ def summary(samples_ms: list[float]) -> dict:
     """p10/p50/p90/p99/mean/min of latencies in ms, rounded to µs."""
     return {"n": len(samples_ms), **{f"p{q}": round(percentile(samples_ms, q), 3) for q in (10, 50, 90, 99)},
             "mean": round(statistics.fmean(samples_ms), 3), "min": round(min(samples_ms), 3)}
+
+
+def stack_cpu_s() -> float:
+    """CPU seconds (user + system) used so far by every process descending from this one: the
+    stack (Redis, GPU server, invoker, controller) and the action runtimes the invoker started.
+    Other processes' load moves latency a lot on a shared machine, this much less."""
+    children: dict[int, list[int]] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+        ticks[int(entry)] = int(fields[11]) + int(fields[12])
+    total, todo = 0, list(children.get(os.getpid(), []))
+    while todo:
+        pid = todo.pop()
+        total += ticks.get(pid, 0)
+        todo += children.get(pid, [])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 class Api:
@@ -105,6 +132,8 @@ def run_once(calls: int, warmup: int) -> dict:
                 path, params = paths[series]
                 samples = []
                 for i in range(warmup + calls):
+                    if i == warmup:
+                        cpu0 = stack_cpu_s()
                     t0 = time.perf_counter()
                     status, body = api.call("POST", path, params)
                     elapsed = (time.perf_counter() - t0) * 1000
@@ -115,7 +144,7 @@ def run_once(calls: int, warmup: int) -> dict:
                 result = json.loads(body)
                 if series == "model":
                     assert len(result["output"]) == 1000, result.keys()
-                out[series] = summary(samples)
+                out[series] = {**summary(samples), "stack_cpu_ms": round((stack_cpu_s() - cpu0) * 1000 / calls, 3)}
     return out
 
 
@@ -131,10 +160,10 @@ def compare(base: str, here: str, pairs: int, calls: int, warmup: int) -> dict:
                 raise RuntimeError(f"run of {label} failed:\n{done.stderr[-3000:]}")
             run = json.loads(done.stdout.strip().splitlines()[-1])
             runs.append({"pair": pair, "tree": label, "loadavg": run["loadavg"], "series": run["series"]})
-            print(f"pair {pair} {label}: " + ", ".join(f"{s} p50 {run['series'][s]['p50']:.2f} p90 "
+            print(f"pair {pair} {label}: " + ", ".join(f"{s} p50 {run['series'][s]['p50']:.2f} cpu {run['series'][s]['stack_cpu_ms']:.2f} p90 "
                                                      f"{run['series'][s]['p90']:.2f}" for s in SERIES), file=sys.stderr)
     medians = {label: {s: {q: round(statistics.median(r["series"][s][q] for r in runs if r["tree"] == label), 3)
-                           for q in ("p50", "p90")} for s in SERIES} for label in ("base", "this")}
+                           for q in ("p10", "p50", "p90", "stack_cpu_ms")} for s in SERIES} for label in ("base", "this")}
     return {"runs": runs, "medians": medians}
 
 
