@@ -252,7 +252,6 @@ class Container:
         self.proc = proc
         self.port = port
         self.workdir = workdir
-        self.url = f"http://127.0.0.1:{port}"
         self.active = 0
         self.retired = False
         self.last_used = time.monotonic()
@@ -348,7 +347,8 @@ class Container:
 
     def _post(self, path: str, payload: dict, connect_timeout_s: float, timeout_s: float) -> tuple[int, bytes]:
         # http.client rather than requests: on this hot path requests' session machinery
-        # (adapters, hooks, cookie jar, header merging) cost ~0.8 ms per /run on a 2-core VM.
+        # (adapters, hooks, cookie jar, header merging) cost 1-2.4 ms per activation in
+        # interleaved A/B runs on a 2-core VM (bench/README.md, bench/overhead.py).
         # A new connection per request, as the runtime's gunicorn sync worker closes each one.
         body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
         conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=connect_timeout_s)
