@@ -580,13 +580,12 @@ def create_app(settings: ControllerSettings) -> Flask:
         slo_ms = slo_ms_of(action["annotations"])
         activation_id = state.new_activation_id()
         try:
-            state.admit(r, ns, activation_id, now_ms=submitted, hold_until_ms=deadline + SLOT_GRACE_MS,
-                        concurrent_limit=settings.concurrent_limit,
+            state.admit(r, state.pending_record(activation_id, action, g.identity.namespace, submitted),
+                        hold_until_ms=deadline + SLOT_GRACE_MS, concurrent_limit=settings.concurrent_limit,
                         per_minute_limit=settings.invocations_per_minute)
         except state.Throttled as exc:
             metrics.invoked(ns, action, "throttled")
             raise ApiError(429, str(exc)) from None
-        state.put_pending(r, state.pending_record(activation_id, action, g.identity.namespace, submitted))
         message = {"activationId": activation_id, "namespace": ns, "action": name, "version": action["version"],
                    "revision": action.get("revision"),
                    "params": params, "models": models, "gpu": None, "timeout_ms": timeout_ms,
@@ -622,8 +621,7 @@ def create_app(settings: ControllerSettings) -> Flask:
         if wait_override is not None:
             wait_ms = min(wait_ms, wait_override)
         try:
-            state.wait_done(r, activation_id, wait_ms)
-            record = state.get_activation(r, activation_id)
+            record = state.wait_done(r, activation_id, wait_ms)
         except redis.RedisError:
             # queued already: the activation runs whatever happens to this wait (a Redis
             # restart), so the caller gets its id to poll, not an error inviting a second run

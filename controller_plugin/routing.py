@@ -306,7 +306,8 @@ def requeue_from_dead_nodes(r: redis.Redis, picker: NodePicker, *, now_ms: int, 
                 reason = (f"The activation was lost with invoker node {node_id} after {attempt} "
                           f"attempt{'s' if attempt != 1 else ''}.")
                 state.finish_activation(r, state.final_record(
-                    record, state.WHISK_ERROR, {"error": reason}, start_ms=record["start"], end_ms=now_ms))
+                    record, state.WHISK_ERROR, {"error": reason}, start_ms=record["start"], end_ms=now_ms),
+                    blocking=message.get("blocking") is True)
                 continue
             message["attempt"] = attempt + 1
             # queued elsewhere and taken off the dead node's list in one script: a crash of this

@@ -653,6 +653,7 @@ def test_per_minute_limit_gets_429(controller):
         assert api.call("POST", "/api/v1/namespaces/_/actions/hello").status_code == 202
     assert_error(api.call("POST", "/api/v1/namespaces/_/actions/hello"), 429,
                  "Too many requests in the last minute (count: 4, allowed: 3).")
+    assert api.redis.zcard(state.running_key("guest")) == 3 and len(api.redis.keys(state.activation_key("*"))) == 3
     # Another namespace has its own budget.
     api.create("hello", auth=OTHER)
     assert api.call("POST", "/api/v1/namespaces/_/actions/hello", auth=OTHER).status_code == 202
@@ -665,6 +666,9 @@ def test_concurrent_limit_gets_429_until_a_slot_frees(controller):
     ids = [api.call("POST", "/api/v1/namespaces/_/actions/hello").json()["activationId"] for _ in range(2)]
     assert_error(api.call("POST", "/api/v1/namespaces/_/actions/hello"), 429,
                  "Too many concurrent requests in flight (count: 2, allowed: 2).")
+    # a refused invocation holds no slot and leaves no record behind
+    assert sorted(api.redis.zrange(state.running_key("guest"), 0, -1)) == sorted(ids)
+    assert sorted(api.redis.keys(state.activation_key("*"))) == sorted(state.activation_key(i) for i in ids)
     pending = state.get_activation(api.redis, ids[0])
     start = state_now()
     state.finish_activation(api.redis, state.final_record(pending, 0, {}, start_ms=start, end_ms=start + 1))
@@ -739,9 +743,14 @@ def test_finish_activation_contract(redis_url):
     assert r.lrange(state.done_key("ab" * 16), 0, -1) == [b"ab" * 16]
     assert 0 < r.ttl(state.done_key("ab" * 16)) <= 300
     assert r.zcard(state.running_key("guest")) == 0
-    assert state.wait_done(r, "ab" * 16, 50) is True
-    assert state.wait_done(r, "ab" * 16, 50) is False
+    assert state.wait_done(r, "ab" * 16, 50) == final
+    assert state.wait_done(r, "ab" * 16, 50) is None
     assert [rec["activationId"] for rec in state.iter_activations(r, "guest")] == ["ab" * 16]
+    # a blocking activation's marker carries the record: the waiter reads nothing else
+    state.finish_activation(r, final, blocking=True)
+    assert json.loads(r.lrange(state.done_key("ab" * 16), 0, -1)[0]) == final
+    r.delete(state.activation_key("ab" * 16))
+    assert state.wait_done(r, "ab" * 16, 50) == final
 
 
 # --- dead nodes ----------------------------------------------------------------------------

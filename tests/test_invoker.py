@@ -149,6 +149,21 @@ def test_log_stream_splits_at_sentinels_and_survives_a_late_one():
     stream.join(2)
 
 
+def test_a_result_is_stored_as_the_runtime_wrote_it():
+    from controller_plugin import state
+    from runtime.invoker.invoker import interpret
+
+    outcome = interpret(200, b'{"x": [0.1, 2], "s": "\\u00e9"}')
+    assert outcome.result == {"x": [0.1, 2], "s": "\u00e9"} and outcome.result_json == '{"x": [0.1, 2], "s": "\\u00e9"}'
+    record = {"activationId": "a" * 32, "namespace": "guest", "name": "a", "start": 1, "end": 2, "logs": ["x"],
+              "annotations": [{"key": "path", "value": "guest/a"}], "response": state.response_for(0, outcome.result)}
+    assert json.loads(state.record_json(record, outcome.result_json)) == record
+    # what json.loads reads but JSON text may not hold is encoded again, as are errors
+    assert interpret(200, b"\xef\xbb\xbf{\"a\": 1}").result_json is None
+    assert interpret(200, '{"a": 1}'.encode("utf-16")).result_json is None
+    assert interpret(200, b'{"error": "no"}').result_json is None
+
+
 def test_code_action_success_record_and_logs(r, make_invoker, redis_url, monkeypatch):
     monkeypatch.setenv("TORPOR_REDIS_URL", redis_url)
     invoker = make_invoker()
@@ -297,6 +312,19 @@ def test_an_activation_runs_the_revision_it_was_accepted_with(r, make_invoker):
     r.delete(state.revision_key("guest", "versioned", first))  # as when its time to be kept ran out
     gone = run(first)
     assert gone["statusCode"] == 3 and "no longer kept" in gone["result"]["error"]
+
+
+def test_a_record_rewritten_in_place_runs_as_rewritten(r, make_invoker):
+    """The invoker keeps parsed action records, keyed by their bytes: a record rewritten
+    under the same name (no revision in the message) runs its new code, and a message's own
+    time limit applies even to a record parsed before."""
+    make_invoker()
+    put_action(r, "inplace", "def main(args):\n    return {'v': 1}\n")
+    assert record_of(r, submit(r, "inplace"))["response"]["result"] == {"v": 1}
+    put_action(r, "inplace", "import time\ndef main(args):\n    time.sleep(1)\n    return {'v': 2}\n")
+    assert record_of(r, submit(r, "inplace"))["response"]["result"] == {"v": 2}
+    late = record_of(r, submit(r, "inplace", timeout_ms=300))
+    assert late["response"]["statusCode"] == 2 and "300 milliseconds" in late["response"]["result"]["error"]
 
 
 def test_deleted_action_and_malformed_message(r, make_invoker):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import http.client
+import json
 import logging
 import os
 import shutil
@@ -24,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-import requests
-
 from runtime.redis_server import free_port
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,8 @@ _TRUNCATED = "Logs were truncated because the total bytes size exceeds the limit
 # every other TORPOR_* / __OW_* variable (Redis URL, a dedicated image's code...) stays out of
 # user code's reach.
 _RUNTIME_ENV = ("TORPOR_RUNTIME_", "TORPOR_MAX_PAYLOAD_BYTES", "TORPOR_MAX_CODE_BYTES")
+# Time a runtime has to accept the connection of a /run, s (its own time limit counts after).
+CONNECT_TIMEOUT_S = 5.0
 
 
 class ContainerError(Exception):
@@ -250,18 +252,12 @@ class Container:
         self.proc = proc
         self.port = port
         self.workdir = workdir
-        self.url = f"http://127.0.0.1:{port}"
         self.active = 0
         self.retired = False
         self.last_used = time.monotonic()
         collect = spec.concurrency == 1
         self.stdout = LogStream("stdout", proc.stdout, spec.log_limit_bytes, collect)
         self.stderr = LogStream("stderr", proc.stderr, spec.log_limit_bytes, collect)
-        self._session = requests.Session()
-        # a container is a loopback port, never behind a proxy: without this, requests reads
-        # the proxy variables and ~/.netrc on every call (~1 ms of each activation's /init
-        # and /run on a 2-core VM)
-        self._session.trust_env = False
         self._stopped = False
         self._kill_lock = threading.Lock()
 
@@ -323,18 +319,19 @@ class Container:
         self.stderr.clear()
         timeout_ms = self.spec.timeout_ms
         try:
-            resp = self._session.post(self.url + "/init", json={"value": self.spec.init}, timeout=timeout_ms / 1000)
-        except requests.Timeout:
+            status, body = self._post("/init", {"value": self.spec.init}, timeout_ms / 1000, timeout_ms / 1000)
+        except TimeoutError:
             raise InitError(f"The action exceeded its time limits of {timeout_ms} milliseconds during initialization.",
                             self.logs(0.0)) from None
-        except requests.ConnectionError:
+        except ConnectionError:
             raise InitError("The action did not initialize and exited unexpectedly.", self.logs(0.1)) from None
-        if resp.status_code == 200:
+        if status == 200:
             return
+        text = body.decode("utf-8", "replace")
         try:
-            message = resp.json().get("error") or resp.text
+            message = json.loads(body).get("error") or text
         except (ValueError, AttributeError):
-            message = resp.text or f"status {resp.status_code}"
+            message = text or f"status {status}"
         raise InitError(str(message), self.logs(0.1))
 
     def run(self, payload: dict, timeout_s: float) -> tuple[int, bytes]:
@@ -342,12 +339,34 @@ class Container:
         :data:`MAX_RESULT_BYTES`.
 
         Raises:
-            requests.Timeout: no answer within ``timeout_s`` seconds.
-            requests.ConnectionError: the process died or refused the connection.
+            TimeoutError: no connection within :data:`CONNECT_TIMEOUT_S`, or no answer
+                within ``timeout_s`` seconds.
+            ConnectionError: the process died, refused the connection or broke the answer.
         """
-        with self._session.post(self.url + "/run", json=payload, timeout=(5.0, timeout_s), stream=True) as resp:
-            body = resp.raw.read(MAX_RESULT_BYTES + 1, decode_content=True)
-            return resp.status_code, body
+        return self._post("/run", payload, CONNECT_TIMEOUT_S, timeout_s)
+
+    def _post(self, path: str, payload: dict, connect_timeout_s: float, timeout_s: float) -> tuple[int, bytes]:
+        # http.client rather than requests: on this hot path requests' session machinery
+        # (adapters, hooks, cookie jar, header merging) cost 1-2.4 ms per activation in
+        # interleaved A/B runs on a 2-core VM (bench/README.md, bench/overhead.py).
+        # A new connection per request, as the runtime's gunicorn sync worker closes each one.
+        body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=connect_timeout_s)
+        try:
+            conn.connect()
+            conn.sock.settimeout(timeout_s)
+            try:
+                conn.request("POST", path, body, {"Content-Type": "application/json"})
+            except BrokenPipeError:
+                pass  # a runtime that refuses a body may answer and close before reading it all (as urllib3 allows)
+            resp = conn.getresponse()
+            return resp.status, resp.read(MAX_RESULT_BYTES + 1)
+        except TimeoutError:
+            raise
+        except (OSError, http.client.HTTPException) as exc:
+            raise ConnectionError(f"{path} of the action runtime on port {self.port} failed: {exc!r}") from exc
+        finally:
+            conn.close()
 
     def logs(self, wait_s: float = 0.1) -> list[str]:
         """Log lines of the activation that just ended, in OpenWhisk format, stdout and stderr
@@ -387,7 +406,6 @@ class Container:
         # The group may outlive its leader (gunicorn workers), so it is killed even then.
         self._signal(signal.SIGKILL)
         self.proc.wait()
-        self._session.close()
         shutil.rmtree(self.workdir, ignore_errors=True)
         with _ports_lock:
             _ports_in_use.discard(self.port)
