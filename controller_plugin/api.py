@@ -708,7 +708,8 @@ def _gunicorn_app(settings: ControllerSettings, log_settings: LogSettings) -> An
         def load_config(self) -> None:
             host = f"[{settings.host}]" if ":" in settings.host else settings.host
             for key, value in {"bind": f"{host}:{settings.port}", "workers": 1, "worker_class": "gthread",
-                               "threads": settings.threads, "accesslog": "-", "errorlog": "-",
+                               "threads": settings.threads, "keepalive": settings.keepalive_s,
+                               "accesslog": "-", "errorlog": "-",
                                "access_log_format": ACCESS_LOG_FORMAT, "loglevel": log_settings.log_level,
                                "proc_name": "torpor-controller", "graceful_timeout": 10,
                                # one shared ~/.gunicorn/gunicorn.ctl would clash with the other

@@ -7,6 +7,7 @@ from its node's queue to its in-flight list, write the final record with
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import signal
@@ -831,6 +832,15 @@ def test_torpor_controller_serves_with_gunicorn(redis_url, tmp_path):
                 time.sleep(0.1)
             assert requests.get(base + "/api/v1/namespaces", auth=GUEST, timeout=5).json() == ["guest"]
             assert requests.get(base + "/api/v1/namespaces", auth=(GUEST[0], "x"), timeout=5).status_code == 401
+            # an idle connection outlives gunicorn's default keep-alive (2 s): a client reusing
+            # it must not meet a connection closed under its request
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            for pause in (0, 2.5):
+                time.sleep(pause)
+                conn.request("GET", "/readyz")
+                response = conn.getresponse()
+                assert response.status == 200 and response.read()
+            conn.close()
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(15)
