@@ -133,17 +133,22 @@ class Arena:
         # the home goes first so that it wins ties
         starts = ([home] if home is not None else []) + sorted(
             {0} | {r.end for r in self.regions} | {r.offset for r in self.regions})
+        ends = [r.end for r in self.regions]  # sorted too: the regions never overlap
         for start in starts:
             if start % self.alignment or start + size > self.capacity:
                 continue
-            covered = [r for r in self.regions if r.offset < start + size and r.end > start]
-            if not all(evictable(r.owner) for r in covered):
+            covered = []  # a window covers a run of adjacent regions: found by bisection, not a scan of all
+            i = bisect.bisect_right(ends, start)
+            while i < len(self.regions) and self.regions[i].offset < start + size:
+                covered.append(self.regions[i].owner)
+                i += 1
+            if not all(evictable(o) for o in covered):
                 continue
-            price = cost([r.owner for r in covered])
+            price = cost(covered)
             if price == float("inf"):
                 continue
             if best is None or price < best[0]:
-                best = (price, start, [r.owner for r in covered])
+                best = (price, start, covered)
         if best is None:
             raise ArenaFull(f"no contiguous {size} bytes can be freed: the models in the way are in use")
         return best[1], best[2]
