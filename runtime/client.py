@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 import threading
 
 import numpy as np
@@ -67,7 +68,8 @@ class GPUServerClient:
         token: the caller's token, sent with calls (default: ``$TORPOR_FUNCTION_TOKEN``, the
             one the invoker gives an action; else the admin token of ``$TORPOR_NODE_SECRET``,
             for the node's own tools; else none).
-        timeout_s: seconds to wait for a reply.
+        timeout_s: seconds one read or write of the socket may wait (for a reply, or for the
+            server to take a request's bytes).
     """
 
     def __init__(self, socket_path: str | None = None, token: str | None = None, timeout_s: float = 120.0):
@@ -86,6 +88,13 @@ class GPUServerClient:
             sock.settimeout(self.timeout_s)
             try:
                 sock.connect(self.socket_path)
+                # a blocking socket with the timeout in the kernel: with a timeout of Python's
+                # own, every send and recv polls first (twice the system calls of a call)
+                sock.settimeout(None)
+                micros = max(1, round(self.timeout_s * 1e6))  # a zero timeval means no timeout
+                timeval = struct.pack("ll", *divmod(micros, 1_000_000))
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
             except OSError as exc:
                 sock.close()
                 raise ModelError(503, "unavailable", f"GPU server at {self.socket_path} is unavailable: {exc}") from None
@@ -130,7 +139,7 @@ class GPUServerClient:
                 raise
             except protocol.HeaderTooLarge as exc:  # e.g. thousands of tensor descriptions
                 raise ModelError(400, "bad_request", str(exc)) from None
-            except TimeoutError:
+            except (TimeoutError, BlockingIOError):  # EAGAIN: SO_RCVTIMEO or SO_SNDTIMEO ran out
                 self._drop_socket()
                 raise ModelError(504, "timeout", f"GPU server gave no reply within {self.timeout_s:g} s") from None
             except (OSError, ConnectionError, protocol.ProtocolError) as exc:

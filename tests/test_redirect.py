@@ -1,4 +1,4 @@
-"""The redirection path's fast paths (issue 3): the chunked finiteness check, dtype lookups
+"""The redirection path's fast paths (issue 3): the finiteness check, dtype lookups
 of the wire format, the server's cache of verified tokens, big-endian inputs, the reply's
 ``server_ms``, and bench/redirect.py itself — against a real ``torpor gpu-server`` process
 with a node secret, on a CPU device."""
@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -22,7 +24,7 @@ from runtime.client import GPUServerClient, ModelError
 from runtime.gpu_server import protocol, tokens
 from runtime.gpu_server.arena import ALIGNMENT as REGION
 from runtime.gpu_server.repository import Repository
-from runtime.gpu_server.server import FINITE_CHUNK, all_finite
+from runtime.gpu_server.server import all_finite
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "redirect-test-secret-0123456789abcdef"
@@ -32,21 +34,31 @@ SECRET = "redirect-test-secret-0123456789abcdef"
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_a_non_finite_value_is_found_in_every_chunk(dtype, bad):
-    size = 2 * FINITE_CHUNK + 7  # the last chunk is a short one
+@pytest.mark.parametrize("bad", [np.nan, -np.nan, np.inf, -np.inf])
+def test_a_non_finite_value_is_found_anywhere(dtype, bad):
+    size = 3 * 224 * 224 + 7
     clean = np.ones((1, size), dtype=dtype)
     assert all_finite(clean)
-    for at in (0, FINITE_CHUNK - 1, FINITE_CHUNK, 2 * FINITE_CHUNK, size - 1):
+    for at in (0, 1, size // 2, size - 2, size - 1):
         a = clean.copy()
         a[0, at] = bad
         assert not all_finite(a), at
+        assert not all_finite(a[0, at % 2::2]), at  # a strided view holding it
+
+
+def test_every_float16_value_is_judged_by_its_bits():
+    values = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)  # every bit pattern once
+    for v, finite in zip(values, np.isfinite(values)):
+        assert all_finite(np.array([1, v, 1], dtype=np.float16)) == finite, v.view(np.uint16)
 
 
 def test_float_extremes_are_finite():
-    a = np.array([np.finfo(np.float32).max, np.finfo(np.float32).min, np.finfo(np.float32).tiny, 0.0, -0.0],
-                 dtype=np.float32)
-    assert all_finite(a)
+    for dtype in (np.float16, np.float32, np.float64):
+        info = np.finfo(dtype)
+        a = np.array([info.max, info.min, info.tiny, info.smallest_subnormal, -info.smallest_subnormal, 0.0, -0.0],
+                     dtype=dtype)
+        assert all_finite(a), dtype
+        assert all_finite(a[:0])
 
 
 @pytest.mark.parametrize("dtype", ["object", "U8", "V4", ">f4", "datetime64[s]", "no-such-dtype", ["f4"], 3])
@@ -65,6 +77,35 @@ def test_numeric_dtypes_round_trip(dtype):
     protocol.write(memoryview(buf), entries, [want])
     got = protocol.read(buf, entries, copy=True)[0]
     assert got.dtype == want.dtype and np.array_equal(got, want)
+
+
+@pytest.mark.parametrize("header", [
+    {"op": "infer", "model": "résnet-\u2603", "inputs": [{"dtype": "float32", "shape": [1, 3], "offset": 0, "nbytes": 12}]},
+    {"ok": True, "server_ms": 0.1 + 0.2, "big": 2**70, "none": None, "nested": [[[]], {}], "nan": float("nan")},
+])
+def test_headers_round_trip_as_json_encodes_them(header):
+    a, b = socket.socketpair()
+    with a, b:
+        protocol.send(a, header)
+        got, payload = protocol.recv(b, 0)
+    want = json.loads(json.dumps(header, separators=(",", ":")))
+    assert json.dumps(got) == json.dumps(want) and payload == b""
+
+
+@pytest.mark.parametrize("text, ok", [
+    (b' {"op": "health"}\n', True),  # whitespace around the object, as json.loads accepts it
+    (b'{"op": "health"} {}', False), (b'{"op": }', False), (b'[1', False), (b'', False), (b'nope', False),
+    (b'"just a string"', False), (b'\xff', False),
+])
+def test_a_header_is_one_json_object(text, ok):
+    a, b = socket.socketpair()
+    with a, b:
+        a.sendall(struct.pack(">I", len(text)) + text)
+        if ok:
+            assert protocol.recv(b, 0)[0] == {"op": "health"}
+        else:
+            with pytest.raises(protocol.ProtocolError, match="JSON"):
+                protocol.recv(b, 0)
 
 
 # ---------------------------------------------------------------- the real server

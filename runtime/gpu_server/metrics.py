@@ -229,13 +229,17 @@ class ServerMetrics:
         # labelled children by label values: labels() validates and locks on every call, and
         # a request's metrics are on the path of its reply
         self._inference_children: dict[tuple[str, str, str], tuple] = {}
+        self._request_children: dict[tuple[str, int], Counter] = {}
         self.registry.register(ExecutorCollector(node))
         self.registry.register(LinkCollector(node))
         self.registry.register(NvmlCollector(node))
 
     def request_done(self, op: str, status: int) -> None:
         """Counts one answered request (``status`` 200 for success)."""
-        self.requests.labels(op, str(status)).inc()
+        child = self._request_children.get((op, status))
+        if child is None:
+            child = self._request_children[op, status] = self.requests.labels(op, str(status))
+        child.inc()
 
     def prefetch_done(self, info: dict) -> None:
         """Counts one successful prefetch; ``info`` is what ``Node.prefetch`` returned

@@ -38,8 +38,17 @@ SEGMENT_SLACK_BYTES = 16 << 20
 _FD_SPACE = socket.CMSG_SPACE(MAX_FDS * array.array("i").itemsize)
 TENSOR_ALIGNMENT = 64  # bytes between tensors in shared memory
 _LEN = struct.Struct(">I")
-# one encoder for every message: json.dumps with separators builds a new encoder per call
-_encode = json.JSONEncoder(separators=(",", ":")).encode
+_ENCODER = json.JSONEncoder(separators=(",", ":"))
+# json's C encoder and scanner, called directly where Python has them: JSONEncoder.encode
+# makes a new C encoder per call and json.loads goes through three Python frames and two
+# regular expressions, half the ~5 µs each of a request's or reply's header. A header
+# never holds a cycle (the C encoder is made without the cycle check).
+_C_ENCODER = json.encoder.c_make_encoder and json.encoder.c_make_encoder(
+    None, _ENCODER.default, json.encoder.encode_basestring_ascii, None, ":", ",", False, False, True)
+_scan = json.JSONDecoder().scan_once
+# the flags as ints: bitwise operations on socket's IntFlag members run Python code
+_CTRUNC = int(socket.MSG_CTRUNC)
+_DONTWAIT = int(socket.MSG_DONTWAIT)
 # np.dtype(name) and dtype.name run Python code (microseconds each, several per call): both
 # are looked up once per canonical numeric dtype, a bounded set
 _DTYPES: dict[str, np.dtype] = {}
@@ -111,13 +120,14 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None, clock
 
     Raises:
         ConnectionError: the peer closed the connection.
-        TimeoutError: the frame's deadline passed.
+        TimeoutError: the frame's deadline passed, or the socket's timeout.
+        BlockingIOError: the socket's timeout in the kernel (``SO_RCVTIMEO``) ran out.
     """
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
     while got < n:
-        flags = socket.MSG_DONTWAIT if clock is not None and clock.deadline is not None else 0
+        flags = _DONTWAIT if clock is not None and clock.deadline is not None else 0
         try:
             if fds is None:
                 k = sock.recv_into(view[got:], n - got, flags)
@@ -128,9 +138,11 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None, clock
                         fds.extend(array.array("i", data[:len(data) - len(data) % 4]))
                 # the control buffer is rounded up to 8 bytes, so one more descriptor than
                 # MAX_FDS can fit without truncation
-                if msg_flags & socket.MSG_CTRUNC or len(fds) > MAX_FDS:
+                if msg_flags & _CTRUNC or len(fds) > MAX_FDS:
                     raise ProtocolError(f"a message may carry at most {MAX_FDS} file descriptor(s)")
         except BlockingIOError:
+            if not flags:  # the socket's own timeout ran out in the kernel (SO_RCVTIMEO)
+                raise
             clock.wait(sock)
             continue
         if k == 0:
@@ -139,6 +151,27 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int] | None = None, clock
             clock.deadline = time.monotonic() + clock.timeout_s
         got += k
     return buf
+
+
+def _encode(header: dict) -> str:
+    """``header`` as compact JSON (ASCII)."""
+    return "".join(_C_ENCODER(header, 0)) if _C_ENCODER is not None else _ENCODER.encode(header)
+
+
+def _decode(text: str):
+    """``json.loads(text)``.
+
+    Raises:
+        ValueError: ``text`` is not JSON.
+        RecursionError: it nests too deeply.
+    """
+    try:
+        value, end = _scan(text, 0)
+        if end == len(text):
+            return value
+    except StopIteration:  # the scanner's way of saying that no value starts here
+        pass
+    return json.loads(text)  # whitespace around the value, or the error that names what is wrong
 
 
 def send(sock: socket.socket, header: dict, payload: bytes | memoryview = b"", fds: tuple[int, ...] = ()) -> None:
@@ -167,8 +200,8 @@ def send(sock: socket.socket, header: dict, payload: bytes | memoryview = b"", f
 
 def recv(sock: socket.socket, max_payload: int, fds: list[int] | None = None,
          frame_timeout_s: float | None = None) -> tuple[dict, bytes]:
-    """Receives one message; with ``fds``, the descriptors it carried are appended to it
-    (the caller owns and closes them, also when this raises). With ``frame_timeout_s``, the
+    """Receives one message; with ``fds``, the descriptors that came with its first bytes
+    are appended to it (the caller owns and closes them, also when this raises). With ``frame_timeout_s``, the
     whole rest of a message must arrive within that many seconds of its first byte (a peer
     that sends half a frame, or a byte now and then, cannot hold the reader forever); the
     wait for the first byte keeps the socket's own timeout. The socket must then be in
@@ -176,16 +209,20 @@ def recv(sock: socket.socket, max_payload: int, fds: list[int] | None = None,
 
     Raises:
         ConnectionError: the peer closed the connection.
-        TimeoutError: the rest of a frame did not come within ``frame_timeout_s``.
+        TimeoutError: the rest of a frame did not come within ``frame_timeout_s``, or the
+            socket's timeout ran out.
+        BlockingIOError: the socket's timeout in the kernel (``SO_RCVTIMEO``) ran out.
         ProtocolError: oversized or malformed header, a payload over ``max_payload`` bytes,
             or more than :data:`MAX_FDS` descriptors.
     """
     clock = _FrameClock(frame_timeout_s) if frame_timeout_s is not None else None
+    # descriptors ride on a message's first bytes (send): the rest is read without room for
+    # any (recvmsg costs twice a recv_into), and the kernel closes those a peer sent later
     (n,) = _LEN.unpack(_recv_exact(sock, _LEN.size, fds, clock))
     if n > MAX_HEADER_BYTES:
         raise ProtocolError(f"header of {n} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes")
     try:
-        header = json.loads(_recv_exact(sock, n, fds, clock).decode("utf-8"))
+        header = _decode(_recv_exact(sock, n, None, clock).decode("utf-8"))
     except ValueError as exc:  # not UTF-8, not JSON, an integer of more digits than Python converts
         raise ProtocolError(f"header is not valid JSON (UTF-8): {exc}") from None
     except RecursionError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import socketserver
@@ -38,7 +39,8 @@ FUNCTION_OPS = frozenset({"infer", "prefetch", "register_program"})
 OPEN_OPS = frozenset({"health"})
 GPU_ALIVE_MIN_MS = 1500  # the TTL of torpor:node:{id}:gpu is 3 publish periods, at least this
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-FINITE_CHUNK = 1 << 15  # values per finiteness pass (all_finite): 32 KiB of scratch booleans
+F16_POSITIVE_NON_FINITE = 0x7C00  # +inf as int16 bits; NaNs above (all_finite)
+F16_NEGATIVE_NON_FINITE = 0xFC00  # -inf as uint16 bits; NaNs above
 TOKEN_CACHE = 1024  # verified tokens remembered (Service._authorize)
 
 
@@ -79,26 +81,24 @@ def validate(spec_inputs, arrays: list[np.ndarray], model: str) -> None:
 
 
 def all_finite(a: np.ndarray) -> bool:
-    """Whether no value of the float array ``a`` is NaN or infinite.
+    """Whether no value of the float16, float32 or float64 array ``a`` is NaN or infinite.
 
-    Checked in slices of ``FINITE_CHUNK`` values into one scratch array per thread:
-    ``np.isfinite`` of a whole image allocates a boolean array above the mmap threshold
-    (``limit_heap_growth``), mapped, faulted in and unmapped again on every request (three
-    times the cost of the check itself), and even small temporaries fault pages in again
-    after the thread's heap was trimmed by the model's run.
+    Two reductions that allocate nothing (``np.isfinite`` would allocate a boolean array of
+    the input's size, above the mmap threshold for an image: ``limit_heap_growth``). float32
+    and float64 take the minimum and the maximum: a NaN makes both NaN, an infinity is one of
+    them. float16 is read as integers instead (NumPy's float16 min and max convert every
+    value: 2.4 ms for 1x3x224x224 values, against 11 µs as integers): an infinity or a NaN
+    has all exponent bits set, which puts it at or above 0x7c00 as an int16 when positive
+    and at or above 0xfc00 as a uint16 when negative, and every finite value below both.
+    Either way the cost is mostly reading the input that the client has just written from
+    another core (bench/README.md).
     """
-    flat = a.reshape(-1)
-    scratch = getattr(_finite_scratch, "out", None)
-    if scratch is None:
-        scratch = _finite_scratch.out = np.empty(FINITE_CHUNK, dtype=bool)
-    for i in range(0, flat.size, FINITE_CHUNK):
-        part = flat[i:i + FINITE_CHUNK]
-        if not np.isfinite(part, out=scratch[:part.size]).all():
-            return False
-    return True
-
-
-_finite_scratch = threading.local()
+    if not a.size:
+        return True
+    if a.dtype == np.float16:
+        return int(a.view(np.int16).max()) < F16_POSITIVE_NON_FINITE and \
+            int(a.view(np.uint16).max()) < F16_NEGATIVE_NON_FINITE
+    return math.isfinite(a.min()) and math.isfinite(a.max())
 
 
 class Service:
