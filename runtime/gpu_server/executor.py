@@ -147,7 +147,11 @@ class Executor:
         self.queued = 0  # requests routed here and not finished
         self.group_bytes = group_bytes
         self._eviction_cost = eviction_cost or (lambda ex: lambda owners: max(ex.resident[o].last_used for o in owners))
-        self._cond = threading.Condition()
+        lock = threading.RLock()
+        self._cond = threading.Condition(lock)
+        # the capture thread's own wake-ups, under the same lock: a release wakes the requests
+        # waiting for room, not that thread
+        self._capture_wake = threading.Condition(lock)
         self._run_lock = threading.Lock()
         self._homes: dict[str, int] = {}
         self._bound: OrderedDict[str, _Bound] = OrderedDict()
@@ -396,13 +400,14 @@ class Executor:
                 self._captures[key] = _Capture(key, res.model, res.region.offset, res.module, res.gates, args)
                 while len(self._captures) > MAX_CAPTURES:
                     self._drop_capture(next(iter(self._captures)))
-                self._cond.notify_all()
+                self._capture_wake.notify()
         return outputs, False
 
     def idle(self) -> None:
         """Tells the capture thread that no request is routed here any more (Node.done)."""
         with self._cond:
-            self._cond.notify_all()
+            if self._captures:
+                self._capture_wake.notify()
 
     def _capture_loop(self) -> None:
         """The capture thread: one step at a time of the oldest queued capture whose model is
@@ -415,12 +420,14 @@ class Executor:
                 while not self._closed:
                     job = self._ready_capture() if self.healthy else None
                     if job is None:
-                        self._cond.wait()
+                        # a queued capture's model may come home under sustained load, when
+                        # no idle() follows: looked for again after the patience
+                        self._capture_wake.wait(CAPTURE_PATIENCE_S if self._captures and self.healthy else None)
                         continue
                     waited = time.monotonic() - job.queued_at
                     if self.queued == 0 or waited >= CAPTURE_PATIENCE_S:
                         break
-                    self._cond.wait(CAPTURE_PATIENCE_S - waited)
+                    self._capture_wake.wait(CAPTURE_PATIENCE_S - waited)
                 if self._closed:
                     return
             with self._run_lock:
@@ -508,7 +515,7 @@ class Executor:
             self._closed = True
             for key in list(self._captures):
                 self._drop_capture(key)
-            self._cond.notify_all()
+            self._capture_wake.notify()
         if self._capturer is not None:
             self._capturer.join(timeout=10.0)
 
