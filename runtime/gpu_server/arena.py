@@ -79,6 +79,12 @@ class Arena:
     def region_of(self, owner: str) -> Region | None:
         return next((r for r in self.regions if r.owner == owner), None)
 
+    def owners(self, offset: int, nbytes: int) -> list[str]:
+        """Owners of the regions overlapping ``nbytes`` (rounded up to the alignment) at
+        ``offset``, in address order."""
+        end = offset + align_up(nbytes, self.alignment)
+        return [r.owner for r in self.regions if r.offset < end and r.end > offset]
+
     def gaps(self) -> list[tuple[int, int]]:
         """Free ``(offset, size)`` ranges in address order."""
         out, cursor = [], 0

@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from runtime.gpu_server.arena import Arena, ArenaFull, Region
+from runtime.gpu_server.arena import Arena, ArenaFull, Region, align_up
 from runtime.gpu_server.device import Device
 from runtime.gpu_server.graphs import GraphCache, Key, flatten
 from runtime.gpu_server.layout import Binding
@@ -196,8 +196,10 @@ class Executor:
                     self._evict(model.name)  # a stale version of a re-registered model
                     res = None
                 if res is not None and res.model is model:
-                    res.in_use += 1
-                    return res, False
+                    if source is not None or not self._rehome(res):
+                        res.in_use += 1
+                        return res, False
+                    res = None  # evicted from where it was a guest: swapped in at home below
                 if model.nbytes > self.arena.capacity:
                     raise NoRoom(f"model {model.name} ({model.nbytes} bytes) exceeds the arena of device "
                                  f"{self.device.index} ({self.arena.capacity} bytes)")
@@ -220,6 +222,37 @@ class Executor:
         """Arena bytes not held by models in use: an upper bound on the room eviction can make."""
         return self.arena.capacity - sum(r.region.size for r in self.resident.values() if r.in_use)
 
+    def _home_first(self, model: HostModel, home: int | None) -> Callable[[str], bool] | None:
+        """Which models ``model`` may evict from its home while free gaps exist (arena.plan's
+        ``home_first``): None when its cold graph there does not beat its eager run; any idle
+        model while the arena is oversubscribed (PRESSURE_S); otherwise only guests — models
+        away from their own homes, where they run eagerly."""
+        if home is None or self.graphs is None or not self.graphs.cold_beats_eager(model, home):
+            return None
+        if time.monotonic() - self._pressed_at < PRESSURE_S:
+            return lambda owner: True
+        return lambda owner: self.resident[owner].region.offset != self._homes.get(owner)
+
+    def _rehome(self, res: Residency) -> bool:
+        """Evicts ``res`` when it is an idle guest whose home can be taken now, on the terms
+        of :meth:`_home_first` (the caller then swaps it in there): its cold graph at home
+        costs about its transfer time, the eager run it would get where it sits 2–5× its
+        graph run for the CNNs (bench/README.md, node runs). Returns whether it was evicted."""
+        name = res.model.name
+        home = self._homes.get(name)
+        if res.in_use or res.landing or home is None or res.region.offset == home:
+            return False
+        rule = self._home_first(res.model, home)
+        if rule is None or home + align_up(res.model.nbytes) > self.arena.capacity:
+            return False
+        owners = [o for o in self.arena.owners(home, res.model.nbytes) if o != name]
+        if not all(self.resident[o].in_use == 0 and rule(o) for o in owners):
+            return False
+        if owners and self._eviction_cost(self)(owners) == float("inf"):
+            return False
+        self._evict(name)
+        return True
+
     def _swap_in(self, model: HostModel, source: torch.Tensor | None, defer: bool) -> Residency:
         priced: list[Callable[[list[str]], float]] = []
 
@@ -227,16 +260,10 @@ class Executor:
             if not priced:
                 priced.append(self._eviction_cost(self))
             return priced[0](owners)
-
-        def guest(owner: str) -> bool:  # away from its home (graphs are only captured there): it runs eagerly
-            return self.resident[owner].region.offset != self._homes.get(owner)
-        now = time.monotonic()
         if not self.fits_without_eviction(model.nbytes):
-            self._pressed_at = now
+            self._pressed_at = time.monotonic()
         home = self._homes.get(model.name)
-        home_first = None
-        if home is not None and self.graphs is not None and self.graphs.cold_beats_eager(model, home):
-            home_first = (lambda owner: True) if now - self._pressed_at < PRESSURE_S else guest
+        home_first = self._home_first(model, home)
         offset, victims = self.arena.plan(
             model.nbytes, evictable=lambda o: self.resident[o].in_use == 0, cost=cost, home=home,
             sticky_home=self.graphs is not None, home_first=home_first)
@@ -291,7 +318,12 @@ class Executor:
         return module, gates
 
     def _evict(self, name: str) -> None:
-        self.resident.pop(name)
+        res = self.resident.pop(name)
+        swap = res.gates.swap
+        if self.healthy and swap is not None and not swap.done():
+            # a prefetch still landing: a cold graph replayed into this region next copies on
+            # the graph's own streams, unordered with this copy stream, so these bytes land first
+            swap.events[-1].synchronize()
         self.arena.free(name)
         self.stats.evictions += 1
 
