@@ -167,9 +167,11 @@ class Arena:
         """Records ``owner`` at ``offset``; the range must be free (evict first).
 
         Raises:
-            ValueError: the range overlaps a region or leaves the arena.
+            ValueError: the range overlaps a region or leaves the arena, or is empty.
         """
         size = align_up(nbytes, self.alignment)
+        if size <= 0:
+            raise ValueError(f"a region needs bytes, not {nbytes}")  # plan bisects on non-empty regions
         if not self._window_free(offset, size):
             raise ValueError(f"[{offset}, {offset + size}) is not free")
         region = Region(offset, size, owner)

@@ -179,7 +179,8 @@ class Executor:
         is where the bytes come from: the host store by default, or the model's region on a
         peer device (peer swap over NVLink; the caller keeps that copy in use until the
         request ends). Without ``prefetch``, a model with a cold graph defers its copies to
-        the run, which replays them inside the graph.
+        the run, which replays them inside the graph. A model resident as an idle guest may
+        be moved home first (:meth:`_rehome`), which counts as a swap-in.
 
         Returns:
             (the residency, whether this call started a swap-in).
@@ -231,22 +232,27 @@ class Executor:
             return None
         if time.monotonic() - self._pressed_at < PRESSURE_S:
             return lambda owner: True
-        return lambda owner: self.resident[owner].region.offset != self._homes.get(owner)
+        return self._guest
+
+    def _guest(self, owner: str) -> bool:
+        """Whether resident ``owner`` sits away from its home (where its graphs are)."""
+        return self.resident[owner].region.offset != self._homes.get(owner)
 
     def _rehome(self, res: Residency) -> bool:
-        """Evicts ``res`` when it is an idle guest whose home can be taken now, on the terms
-        of :meth:`_home_first` (the caller then swaps it in there): its cold graph at home
-        costs about its transfer time, the eager run it would get where it sits 2–5× its
-        graph run for the CNNs (bench/README.md, node runs). Returns whether it was evicted."""
+        """Evicts ``res`` when it is an idle guest whose home now holds only idle guests or
+        nothing (the caller then swaps it in there): a cold-graph swap-in at home costs about
+        its transfer time, the eager run it would get where it sits 2–5× its graph run for
+        the CNNs (bench/README.md, node runs). Models at their own homes are never evicted for
+        it, pressure or not: two resident models with overlapping homes would evict each
+        other on every request. Returns whether it was evicted."""
         name = res.model.name
         home = self._homes.get(name)
-        if res.in_use or res.landing or home is None or res.region.offset == home:
-            return False
-        rule = self._home_first(res.model, home)
-        if rule is None or home + align_up(res.model.nbytes) > self.arena.capacity:
+        if res.in_use or res.landing or home is None or res.region.offset == home \
+                or self._home_first(res.model, home) is None \
+                or home + align_up(res.model.nbytes, self.arena.alignment) > self.arena.capacity:
             return False
         owners = [o for o in self.arena.owners(home, res.model.nbytes) if o != name]
-        if not all(self.resident[o].in_use == 0 and rule(o) for o in owners):
+        if not all(self.resident[o].in_use == 0 and self._guest(o) for o in owners):
             return False
         if owners and self._eviction_cost(self)(owners) == float("inf"):
             return False
@@ -318,14 +324,24 @@ class Executor:
         return module, gates
 
     def _evict(self, name: str) -> None:
-        res = self.resident.pop(name)
-        swap = res.gates.swap
-        if self.healthy and swap is not None and not swap.done():
-            # a prefetch still landing: a cold graph replayed into this region next copies on
-            # the graph's own streams, unordered with this copy stream, so these bytes land first
-            swap.events[-1].synchronize()
+        swap = self.resident[name].gates.swap
+        if self.healthy and swap is not None:
+            try:
+                if not swap.done():
+                    # a prefetch still landing: a cold graph replayed into this region next
+                    # copies on the graph's own streams, unordered with this copy stream
+                    swap.events[-1].synchronize()
+            except torch.AcceleratorError as exc:
+                self._failed(exc)
+        del self.resident[name]
         self.arena.free(name)
         self.stats.evictions += 1
+
+    def _failed(self, exc: BaseException) -> None:
+        """Marks the device unhealthy after a sticky device error (the node routes no more
+        requests here; probes and /readyz report it)."""
+        self.healthy = False
+        self.fault = f"{type(exc).__name__}: {exc}"
 
     def pin(self, model: HostModel) -> Residency | None:
         """Marks ``model`` in use when this very version of it is resident and fully landed
@@ -388,8 +404,7 @@ class Executor:
                     outputs = self.device.to_host(device_outputs)
                     self.device.synchronize()
             except torch.AcceleratorError as exc:
-                self.healthy = False
-                self.fault = f"{type(exc).__name__}: {exc}"
+                self._failed(exc)
                 # Page-locked tensors from PyTorch's host allocator are never freed after a
                 # sticky CUDA error: the allocator asks the stream for its capture status on
                 # free, gets the error and throws from a destructor, which aborts the process
@@ -514,8 +529,7 @@ class Executor:
             res.in_use -= 1
             queued = self._captures.get(job.key) is job
             if fault is not None:
-                self.healthy = False
-                self.fault = f"{type(fault).__name__}: {fault}"
+                self._failed(fault)
                 self._fault_leftovers.append((job, fault))  # nothing it holds may be freed now (run)
                 self._captures.pop(job.key, None)
             elif done and queued:

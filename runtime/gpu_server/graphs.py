@@ -14,8 +14,8 @@ the run that swapped it in — once its weights have all landed (the first run w
 and the allocator; elsewhere the model is a guest until evicted), off the request path and
 in steps (executor.py), and replayed from then on; a model whose forward cannot be captured
 (a host sync, data-dependent shapes) stays eager. Captures are thread-local (other devices'
-executors keep running) and each step holds the executor's lock, so that no swap-in issues
-copies on the copy stream while it is forked into a capture.
+executors keep running) and each step that captures a graph holds the executor's lock, so
+that no swap-in issues copies on the copy stream while it is forked into a capture.
 All graphs of one device share one memory pool for activations: they are replayed one at a
 time (the executor's run lock), and each keeps its outputs alive, so no graph's outputs are
 overwritten by another's replay.
