@@ -312,9 +312,27 @@ def test_place_and_free_errors():
         arena.place("c", 90, 20)  # leaves the arena
     with pytest.raises(ValueError):
         arena.place("c", 25, 5)  # not aligned
+    with pytest.raises(ValueError):
+        arena.place("c", 20, 0)  # empty
     with pytest.raises(KeyError):
         arena.free("nobody")
     assert arena.free("a").owner == "a"
     with pytest.raises(KeyError):
         arena.free("a")
     assert arena.used == 20
+
+
+def test_owners_of_a_window_and_windows_found_by_bisection_match_a_scan():
+    arena = filled(100, [("a", 0, 20), ("b", 30, 10), ("c", 50, 30)])
+    assert arena.owners(10, 25) == ["a", "b"]  # 30 bytes from 10 once aligned: [10, 40)
+    assert arena.owners(40, 10) == [] and arena.owners(45, 1) == ["c"] and arena.owners(0, 100) == ["a", "b", "c"]
+    # every window plan may choose covers exactly the regions a scan of all regions finds
+    prices = {"a": 3, "b": 1, "c": 2}
+    for size in range(10, 101, 10):
+        for home in (None, 0, 30, 40, 90):
+            try:
+                offset, victims = arena.plan(size, lambda o: True, priced(prices), home=home)
+            except ArenaFull:
+                continue
+            scanned = [r.owner for r in arena.regions if r.offset < offset + size and r.end > offset]
+            assert victims == scanned, (size, home, offset)
