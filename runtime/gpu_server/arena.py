@@ -24,8 +24,8 @@ while a cold-graph swap-in of those models takes about its transfer time (1–4.
 executor lets a home evict any idle model only while the arena is oversubscribed (it had to
 evict or wait to find room lately, so free gaps are passing); with room to spare, only
 guests (models away from their own homes) — two models with graphs at overlapping homes
-would otherwise evict each other on every request in a nearly empty arena. Elsewhere (CPU devices) addresses do not matter and the eviction
-policy alone picks the window.
+would otherwise evict each other on every request in a nearly empty arena. Elsewhere (CPU
+devices) addresses do not matter and the eviction policy alone picks the window.
 """
 from __future__ import annotations
 
@@ -79,10 +79,13 @@ class Arena:
     def region_of(self, owner: str) -> Region | None:
         return next((r for r in self.regions if r.owner == owner), None)
 
-    def owners(self, offset: int, nbytes: int) -> list[str]:
+    def owners(self, offset: int, nbytes: int) -> list[str] | None:
         """Owners of the regions overlapping ``nbytes`` (rounded up to the alignment) at
-        ``offset``, in address order."""
+        ``offset``, in address order; None when that is no window of this arena (not aligned,
+        or past its end)."""
         end = offset + align_up(nbytes, self.alignment)
+        if offset % self.alignment or end > self.capacity:
+            return None
         return [r.owner for r in self.regions if r.offset < end and r.end > offset]
 
     def gaps(self) -> list[tuple[int, int]]:
@@ -121,19 +124,19 @@ class Arena:
         size = align_up(nbytes, self.alignment)
         if size > self.capacity:
             raise ArenaFull(f"{nbytes} bytes exceed the arena's {self.capacity} bytes")
-        home_fits = home is not None and home % self.alignment == 0 and home + size <= self.capacity
-        covered = [r.owner for r in self.regions if r.offset < home + size and r.end > home] if home_fits else []
-        if home_fits and not covered:
+        covered = self.owners(home, size) if home is not None else None
+        if covered == []:
             return home, []
 
         def home_free_to_take() -> bool:
-            return home_fits and all(evictable(o) for o in covered) and cost(covered) != float("inf")
-        if home_first is not None and all(home_first(o) for o in covered) and home_free_to_take():
+            return all(evictable(o) for o in covered) and cost(covered) != float("inf")
+        if covered is not None and home_first is not None and all(home_first(o) for o in covered) \
+                and home_free_to_take():
             return home, covered
         fits = [off for off, gap in self.gaps() if gap >= size]
         if fits:
             return fits[0], []
-        if sticky_home and home_free_to_take():
+        if sticky_home and covered is not None and home_free_to_take():
             return home, covered
         best: tuple[float, int, list[str]] | None = None
         # the home goes first so that it wins ties

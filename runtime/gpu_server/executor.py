@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from runtime.gpu_server.arena import Arena, ArenaFull, Region, align_up
+from runtime.gpu_server.arena import Arena, ArenaFull, Region
 from runtime.gpu_server.device import Device
 from runtime.gpu_server.graphs import GraphCache, Key, flatten
 from runtime.gpu_server.layout import Binding
@@ -247,11 +247,14 @@ class Executor:
         other on every request. Returns whether it was evicted."""
         name = res.model.name
         home = self._homes.get(name)
-        if res.in_use or res.landing or home is None or res.region.offset == home \
-                or self._home_first(res.model, home) is None \
-                or home + align_up(res.model.nbytes, self.arena.alignment) > self.arena.capacity:
+        # cheapest first: this runs on every request that finds its model resident
+        if self.graphs is None or home is None or res.region.offset == home or res.in_use or res.landing \
+                or not self.graphs.cold_beats_eager(res.model, home):
             return False
-        owners = [o for o in self.arena.owners(home, res.model.nbytes) if o != name]
+        owners = self.arena.owners(home, res.model.nbytes)
+        if owners is None:
+            return False
+        owners = [o for o in owners if o != name]
         if not all(self.resident[o].in_use == 0 and self._guest(o) for o in owners):
             return False
         if owners and self._eviction_cost(self)(owners) == float("inf"):

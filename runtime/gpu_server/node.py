@@ -6,8 +6,8 @@ executors: resident on an idle device → run there; resident only on busy devic
 (NVLink) to an idle one when predicted faster; otherwise a host copy to the device with the
 lowest predicted completion (Torpor, Yu et al., ATC '25 §5). A model resident somewhere is
 never fetched from the host again for another device: it queues where it is, or is copied
-from a peer (on its own device a guest may move home: Executor._rehome). Eviction inside a device ranks
-contiguous windows by the policy's eviction priority (placement.window_cost). One rule comes
+from a peer (on its own device a guest may move home: Executor._rehome). Eviction inside a
+device ranks contiguous windows by the policy's eviction priority (placement.window_cost). One rule comes
 first: a model already on its way to a device (a swap-in routed but not landed) is followed
 there, so that simultaneous first requests start exactly one transfer.
 """
