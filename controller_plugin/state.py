@@ -193,8 +193,8 @@ class Throttled(Exception):
 
 
 # KEYS: running set, rate counter, activation record, activation index.
-# ARGV: now ms, hold-until ms, activation id, concurrent limit, per-minute limit, rate TTL s,
-# pending record JSON, its start ms, record TTL s, oldest index score kept.
+# ARGV: now ms (the record's start), hold-until ms, activation id, concurrent limit,
+# per-minute limit, rate TTL s, pending record JSON, record TTL s.
 _ADMIT_LUA = """
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[3])
@@ -209,11 +209,12 @@ if in_flight > tonumber(ARGV[4]) then
   redis.call('ZREM', KEYS[1], ARGV[3])
   return {2, in_flight}
 end
-redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[9])
-redis.call('ZADD', KEYS[4], ARGV[8], ARGV[3])
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', ARGV[10])
+redis.call('SET', KEYS[3], ARGV[7], 'EX', ARGV[8])
+redis.call('ZADD', KEYS[4], ARGV[1], ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', tonumber(ARGV[1]) - tonumber(ARGV[8]) * 1000)
 return {0, 0}
 """
+_admit_script = None  # registered at first use (redis-py's Script works on any client)
 
 
 def admit(r: redis.Redis, record: dict, *, hold_until_ms: int, concurrent_limit: int,
@@ -236,8 +237,11 @@ def admit(r: redis.Redis, record: dict, *, hold_until_ms: int, concurrent_limit:
     keys = [running_key(namespace), rate_key(namespace, now_ms // 60000), activation_key(activation_id),
             activations_key(namespace)]
     args = [now_ms, hold_until_ms, activation_id, concurrent_limit, per_minute_limit, RATE_TTL_S,
-            json.dumps(record), now_ms, ACTIVATION_TTL_S, now_ms - ACTIVATION_TTL_S * 1000]
-    refused, count = r.register_script(_ADMIT_LUA)(keys=keys, args=args)
+            json.dumps(record), ACTIVATION_TTL_S]
+    global _admit_script
+    if _admit_script is None:
+        _admit_script = r.register_script(_ADMIT_LUA)
+    refused, count = _admit_script(keys=keys, args=args, client=r)
     if refused == 1:
         raise Throttled(f"Too many requests in the last minute (count: {count}, allowed: {per_minute_limit}).")
     if refused == 2:

@@ -161,6 +161,8 @@ def test_a_result_is_stored_as_the_runtime_wrote_it():
     # what json.loads reads but JSON text may not hold is encoded again, as are errors
     assert interpret(200, b"\xef\xbb\xbf{\"a\": 1}").result_json is None
     assert interpret(200, '{"a": 1}'.encode("utf-16")).result_json is None
+    for encoding in ("utf-16-le", "utf-32-be"):  # no byte order mark: its NULs decode as UTF-8
+        assert interpret(200, '{"a": 1}'.encode(encoding)).result_json is None
     assert interpret(200, b'{"error": "no"}').result_json is None
 
 

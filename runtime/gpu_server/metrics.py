@@ -226,25 +226,29 @@ class ServerMetrics:
             "torpor_gpu_execution_duration_seconds",
             "Run time of successful inferences, waits for weights still being copied included",
             labels, buckets=LATENCY_BUCKETS, registry=self.registry)
-        # labelled children by label values: labels() validates and locks on every call, and
-        # a request's metrics are on the path of its reply
-        self._inference_children: dict[tuple[str, str, str], tuple] = {}
-        self._request_children: dict[tuple[str, int], Counter] = {}
+        # labelled children by metrics and label values (_children): labels() validates and
+        # locks on every call, and a request's metrics are on the path of its reply
+        self._children_of: dict[tuple, tuple] = {}
         self.registry.register(ExecutorCollector(node))
         self.registry.register(LinkCollector(node))
         self.registry.register(NvmlCollector(node))
 
+    def _children(self, metrics: tuple, *values: str) -> tuple:
+        """The children of ``metrics`` for label ``values``, made once."""
+        key = (metrics, values)
+        children = self._children_of.get(key)
+        if children is None:
+            children = self._children_of[key] = tuple(m.labels(*values) for m in metrics)
+        return children
+
     def request_done(self, op: str, status: int) -> None:
         """Counts one answered request (``status`` 200 for success)."""
-        child = self._request_children.get((op, status))
-        if child is None:
-            child = self._request_children[op, status] = self.requests.labels(op, str(status))
-        child.inc()
+        self._children((self.requests,), op, str(status))[0].inc()
 
     def prefetch_done(self, info: dict) -> None:
         """Counts one successful prefetch; ``info`` is what ``Node.prefetch`` returned
         (``device``, ``path``)."""
-        self.prefetches.labels(str(info["device"]), info["path"]).inc()
+        self._children((self.prefetches,), str(info["device"]), info["path"])[0].inc()
 
     def inference_done(self, model: str, info: dict, server_s: float) -> None:
         """Records one successful inference.
@@ -255,13 +259,9 @@ class ServerMetrics:
                 ``run_ms``).
             server_s: seconds from the start of placement to the end of the run.
         """
-        labels = (model, str(info["device"]), info["path"])
-        children = self._inference_children.get(labels)
-        if children is None:
-            children = self._inference_children[labels] = tuple(
-                h.labels(*labels) for h in (self.request_seconds, self.run_seconds, self.wait_seconds))
+        request, run, wait = self._children((self.request_seconds, self.run_seconds, self.wait_seconds),
+                                            model, str(info["device"]), info["path"])
         run_s = info["run_ms"] / 1e3
-        request, run, wait = children
         request.observe(server_s)
         run.observe(run_s)
         wait.observe(max(0.0, server_s - run_s))

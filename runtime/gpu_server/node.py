@@ -208,6 +208,12 @@ class Node:
         for ex in self.executors:
             ex.forget(name)
 
+    def close(self) -> None:
+        """Stops the executors' capture threads: no capture step may be under way while the
+        interpreter exits."""
+        for ex in self.executors:
+            ex.close()
+
     def forget(self, name: str) -> None:
         """Unregisters ``name``: drops it from the store and from every idle device."""
         self.store.drop(name)

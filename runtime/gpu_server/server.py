@@ -357,9 +357,10 @@ def _account(service: Service, header: dict, reply: dict, seconds: float) -> Non
     service.metrics.request_done(op, status)
     if log.isEnabledFor(logging.DEBUG):
         fields = {"op": op, "model": header.get("model"), "status": status, "device": reply.get("device"),
-                  "path": reply.get("path"), "ms": round(seconds * 1e3, 3),
-                  **{k: reply[k] if k == "graph" else round(reply[k], 3)
-                     for k in ("queue_ms", "run_ms", "graph") if k in reply}}
+                  "path": reply.get("path"), "ms": round(seconds * 1e3, 3), "graph": reply.get("graph")}
+        for k in ("queue_ms", "run_ms"):
+            if k in reply:
+                fields[k] = round(reply[k], 3)
         where = "".join(f", {k} {fields[k]}" for k in ("device", "path", "queue_ms", "run_ms", "graph")
                         if fields.get(k) is not None)
         log.debug("%s %s: %s in %.1f ms%s", op, fields["model"], status, fields["ms"], where, extra={"fields": fields})
@@ -546,8 +547,7 @@ def serve(settings: GPUServerSettings) -> None:
     finally:
         if health is not None:
             health.stop()
-        for ex in node.executors:  # no capture step may be under way while the interpreter exits
-            ex.close()
+        node.close()
         server.server_close()
         if os.path.exists(settings.socket):
             os.unlink(settings.socket)
