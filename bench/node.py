@@ -47,7 +47,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import click
 import numpy as np
@@ -104,6 +104,10 @@ class NodeRunSettings:
     arena_gb: float = setting(4.0, "TORPOR_NODE_RUN_ARENA_GB", "weight arena of each device", "GB")
     cpu_devices: int = setting(0, "TORPOR_NODE_RUN_CPU_DEVICES", "serve on this many CPU devices (0: the GPUs)")
     warm_containers: int = setting(2, "TORPOR_NODE_RUN_WARM_CONTAINERS", "containers started per function before the clock")
+    settle_rounds: int = setting(3, "TORPOR_NODE_RUN_SETTLE_ROUNDS",
+                                 "rounds of one request per function, one at a time, each followed by the graph "
+                                 "captures it queued, between the warm-up and the clock; a round that queues no "
+                                 "capture ends the settling (0: none)")
     calibration: int = setting(50, "TORPOR_NODE_RUN_CALIBRATION", "sequential requests measuring the fixed overhead")
     concurrency: int = setting(512, "TORPOR_NODE_RUN_CONCURRENCY", "requests outstanding at once at most")
     workers: int = setting(0, "TORPOR_NODE_RUN_WORKERS", "registration processes (0: half the CPUs)")
@@ -215,6 +219,36 @@ def scrape(url: str) -> dict[str, dict[tuple, float]]:
     return samples
 
 
+def settle_captures(url: str, rounds: int, functions: int, call: Callable[[int], bool],
+                    timeout_s: float = 30.0) -> dict[str, Any]:
+    """Brings the node to the steady state the simulator assumes: up to ``rounds`` rounds of
+    ``call(i)`` for every function ``i``, one at a time, each followed by waiting (at most
+    ``timeout_s``) until no graph capture is queued on any device. Captures are taken off the
+    request path while a device is idle, and only at the model's home, so after a concurrent
+    warm-up many are still queued or not yet asked for; measured in their midst, a node run
+    reports the capture transient (the first 2-GPU run: p98 674 ms over the window, 71 ms in
+    its last 70 s). A round that captured nothing ends early. Returns the rounds run,
+    captures taken, failed calls and seconds spent."""
+    def queued() -> float:
+        return sum(scrape(url).get("torpor_gpu_graph_captures_queued", {}).values())
+
+    def captured() -> float:
+        return sum(scrape(url).get("torpor_gpu_graph_captures_total", {}).values())
+
+    began, first, failed, done = time.monotonic(), captured(), 0, 0
+    for done in range(1, rounds + 1):
+        before = captured()
+        for i in range(functions):
+            failed += not call(i)
+            deadline = time.monotonic() + timeout_s
+            while queued() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if captured() == before:
+            break
+    return {"rounds": done if rounds else 0, "captures": int(captured() - first), "failed": failed,
+            "seconds": round(time.monotonic() - began, 1)}
+
+
 def delta(after: dict, before: dict, name: str, by: str) -> dict[str, float]:
     """Sum of ``name``'s increase between two scrapes, grouped by label ``by``."""
     out: dict[str, float] = {}
@@ -309,6 +343,10 @@ def run(s: NodeRunSettings) -> dict[str, Any]:
         click.echo(f"warmed {len(names)} functions x {s.warm_containers} containers in {time.monotonic() - began:.0f} s",
                    err=True)
 
+        settle = settle_captures(stack.gpu_metrics_url, s.settle_rounds, len(names), lambda i: warm(i) is None)
+        click.echo(f"settled in {settle['seconds']:.0f} s: {settle['rounds']} rounds, {settle['captures']} captures, "
+                   f"{settle['failed']} failed requests", err=True)
+
         probe = min(range(len(names)), key=lambda i: model_bytes[names[i]])
         before = scrape(stack.gpu_metrics_url)
         e2e = [invoke(f"fn{probe:04d}", params(probe, 0))[2] for _ in range(s.calibration)]
@@ -349,7 +387,7 @@ def run(s: NodeRunSettings) -> dict[str, Any]:
         "server_run_ms_mean": round(1e3 * served["execution_duration_seconds_sum"] / max(served["request_duration_seconds_count"], 1), 3),
         "runs": int(graphs["runs"]), "graph_runs": int(graphs["graph_runs"]),
         "graph_captures": int(graphs["graph_captures"]), "graph_capture_s": round(graphs["graph_capture_seconds"], 2),
-        "request_overhead_ms": round(overhead_ms, 3),
+        "request_overhead_ms": round(overhead_ms, 3), "settle": settle,
         "simulated_slo_attainment": sim["slo_attainment"], "simulated_p50_ms": sim["p50_ms"],
         "simulated_p98_ms": sim["p98_ms"], "simulated_p99_ms": sim["p99_ms"],
         "simulated_gpu_load_cov": sim["gpu_load_cov"], "simulated_swap_ins_pcie": sim["swap_ins_pcie"],

@@ -121,6 +121,8 @@ class ExecutorCollector(Collector):
             ("arena_bytes", "torpor_gpu_arena_bytes", "Size of the device's weight arena"),
             ("used_bytes", "torpor_gpu_arena_used_bytes", "Bytes of the weight arena held by resident models"),
             ("queue", "torpor_gpu_queued_requests", "Requests routed to the device and not finished"),
+            ("captures_queued", "torpor_gpu_graph_captures_queued",
+             "CUDA graph captures waiting for the device to be idle or for their model to be at its home"),
         )}
         resident = GaugeMetricFamily("torpor_gpu_resident_models", "Models resident on the device", labels=["device"])
         model_bytes = GaugeMetricFamily("torpor_gpu_resident_model_bytes", "Arena bytes of one resident model",

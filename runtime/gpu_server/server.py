@@ -9,6 +9,7 @@ import math
 import os
 import signal
 import socketserver
+import sys
 import threading
 import time
 from pathlib import Path
@@ -507,6 +508,8 @@ def serve(settings: GPUServerSettings) -> None:
     """
     check_authentication(settings)
     limit_heap_growth(settings.mmap_threshold)
+    if settings.gil_switch_interval_ms > 0:
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     # full fp32 by default: served outputs then equal native fp32 execution on any device;

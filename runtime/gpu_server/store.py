@@ -126,8 +126,11 @@ def load(spec: ModelSpec, pin: bool) -> HostModel:
         ModelLoadError: it does not build, load or run on its declared inputs, or its files
             disagree with its layout.
     """
+    started = time.perf_counter()
     packed = _load_packed(spec, pin)
     if packed is not None:
+        log.debug("loaded %s from its stored layout: %d bytes in %.1f ms", spec.name, packed.nbytes,
+                  (time.perf_counter() - started) * 1e3)
         return packed
     module = build(spec)
     try:
@@ -137,6 +140,8 @@ def load(spec: ModelSpec, pin: bool) -> HostModel:
     buffer = host_buffer(layout.total_bytes, pin)
     pack(module, layout, buffer)
     template = module.to("meta")
+    log.debug("loaded %s by building and tracing it: %d bytes in %.1f ms", spec.name, layout.total_bytes,
+              (time.perf_counter() - started) * 1e3)
     return HostModel(spec, layout, buffer, template)
 
 
