@@ -223,14 +223,15 @@ def settle_captures(url: str, rounds: int, functions: int, call: Callable[[int],
                     timeout_s: float = 30.0) -> dict[str, Any]:
     """Brings the node to the steady state the simulator assumes: up to ``rounds`` rounds of
     ``call(i)`` for every function ``i``, one at a time, each followed by waiting (at most
-    ``timeout_s``) until no graph capture is queued on any device. Captures are taken off the
+    ``timeout_s``) until no device has a capture it can take now (its model at its home;
+    captures of models evicted meanwhile wait for a later round). Captures are taken off the
     request path while a device is idle, and only at the model's home, so after a concurrent
     warm-up many are still queued or not yet asked for; measured in their midst, a node run
     reports the capture transient (the first 2-GPU run: p98 674 ms over the window, 71 ms in
     its last 70 s). A round that captured nothing ends early. Returns the rounds run,
     captures taken, failed calls and seconds spent."""
-    def queued() -> float:
-        return sum(scrape(url).get("torpor_gpu_graph_captures_queued", {}).values())
+    def ready() -> float:
+        return sum(scrape(url).get("torpor_gpu_graph_captures_ready", {}).values())
 
     def captured() -> float:
         return sum(scrape(url).get("torpor_gpu_graph_captures_total", {}).values())
@@ -241,7 +242,7 @@ def settle_captures(url: str, rounds: int, functions: int, call: Callable[[int],
         for i in range(functions):
             failed += not call(i)
             deadline = time.monotonic() + timeout_s
-            while queued() and time.monotonic() < deadline:
+            while ready() and time.monotonic() < deadline:
                 time.sleep(0.02)
         if captured() == before:
             break

@@ -48,7 +48,7 @@ class GPUServerSettings:
         "Python's thread switch interval (sys.setswitchinterval; Python's default 5 ms): an eager run releases the "
         "GIL at every kernel launch and waits up to this long to get it back from a busy thread (a model load, a "
         "capture), so it bounds the per-launch stall (bench/gil.py; 0: Python's default)", "ms")
-    torch_threads: int = setting(0, "TORPOR_TORCH_THREADS", "intra-op CPU threads of torch (0: torch's default)")
+    torch_threads: int = setting(0, "TORPOR_TORCH_THREADS", "intra-op CPU threads of torch (0: 1 when serving GPUs, torch's default on CPU devices)")
     mmap_threshold: int = setting(128 << 10, "TORPOR_MMAP_THRESHOLD",
                                   "host allocations this large or larger get their own mapping, returned to the "
                                   "system when freed: keeps the resident set flat while connection threads come "

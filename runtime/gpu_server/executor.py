@@ -493,14 +493,19 @@ class Executor:
         for the model to come home (at high load a model's stay there can be shorter than
         its capture); one that finds a new version or a new bound module there is dropped."""
         for job in list(self._captures.values()):
-            res = self.resident.get(job.model.name)
-            if res is None or res.region.offset != job.offset or res.landing:
+            res = self._at_capture_offset(job)
+            if res is None:
                 continue
             if res.model is not job.model or res.module is not job.module or res.gates is not job.gates:
                 self._drop_capture(job.key)
                 continue
             return job
         return None
+
+    def _at_capture_offset(self, job: _Capture) -> Residency | None:
+        """``job``'s model's residency if it sits landed at the capture's offset (``_cond`` held)."""
+        res = self.resident.get(job.model.name)
+        return None if res is None or res.region.offset != job.offset or res.landing else res
 
     def _start_step(self, job: _Capture) -> Residency:
         """Pins ``job``'s model for one step (``_cond`` held) and returns its residency."""
@@ -581,5 +586,6 @@ class Executor:
                 "peer_swap_ins": self.stats.peer_swap_ins, "peer_swap_in_bytes": self.stats.peer_swap_in_bytes,
                 "evictions": self.stats.evictions, "runs": self.stats.runs, "graph_runs": self.stats.graph_runs,
                 "captures_queued": len(self._captures),
+                "captures_ready": sum(self._at_capture_offset(job) is not None for job in self._captures.values()),
                 **(self.graphs.stats() if self.graphs else {}),
             }

@@ -123,6 +123,8 @@ class ExecutorCollector(Collector):
             ("queue", "torpor_gpu_queued_requests", "Requests routed to the device and not finished"),
             ("captures_queued", "torpor_gpu_graph_captures_queued",
              "CUDA graph captures waiting for the device to be idle or for their model to be at its home"),
+            ("captures_ready", "torpor_gpu_graph_captures_ready",
+             "Queued CUDA graph captures whose model is at its home now: taken while the device is idle"),
         )}
         resident = GaugeMetricFamily("torpor_gpu_resident_models", "Models resident on the device", labels=["device"])
         model_bytes = GaugeMetricFamily("torpor_gpu_resident_model_bytes", "Arena bytes of one resident model",

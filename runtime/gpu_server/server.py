@@ -510,16 +510,20 @@ def serve(settings: GPUServerSettings) -> None:
     limit_heap_growth(settings.mmap_threshold)
     if settings.gil_switch_interval_ms > 0:
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     # full fp32 by default: served outputs then equal native fp32 execution on any device;
     # TF32 convolutions (PyTorch's own default) are faster and differ by ~1e-3 relative
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = settings.cudnn_tf32
     devices = discover(settings.cpu_devices, settings.device_memory, settings.arena_bytes)
-    store = ModelStore(Repository(settings.model_repo), pin=any(d.is_cuda for d in devices),
+    serves_gpus = any(d.is_cuda for d in devices)
+    # with GPUs, the host's tensor work is copies (loads, outputs): torch's intra-op pool of a
+    # thread per core under every concurrent load oversubscribes the cores that launch kernels
+    threads = settings.torch_threads or (1 if serves_gpus else 0)
+    if threads:
+        torch.set_num_threads(threads)
+    store = ModelStore(Repository(settings.model_repo), pin=serves_gpus,
                        max_loads=settings.max_loads, retire_grace_s=settings.room_timeout_s + RETIRE_GRACE_S)
-    if any(d.is_cuda for d in devices):
+    if serves_gpus:
         props = [torch.cuda.get_device_properties(d.torch_device) for d in devices]
         topology = discover_topology([bus_id(p.pci_domain_id, p.pci_bus_id, p.pci_device_id) for p in props])
     else:

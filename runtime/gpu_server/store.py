@@ -166,7 +166,10 @@ def _load_packed(spec: ModelSpec, pin: bool) -> HostModel | None:
     if layout.total_bytes > 2 * max(spec.bytes, 1) + len(layout.slots) * ALIGNMENT:
         raise ModelLoadError(f"model {spec.name}: {folder / LAYOUT_FILE} claims {layout.total_bytes} bytes for "
                              f"{spec.bytes} bytes of weights")
+    allocating = time.perf_counter()
     buffer = host_buffer(layout.total_bytes, pin)
+    log.debug("host buffer of %s: %d bytes in %.1f ms (page-locked: %s)", spec.name, layout.total_bytes,
+              (time.perf_counter() - allocating) * 1e3, pin)
     files = [folder / spec.weights] + [p for p in (folder / EXTRA_WEIGHTS_FILE,) if p.is_file()]
     try:
         with ExitStack() as stack:
