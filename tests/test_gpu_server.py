@@ -916,3 +916,26 @@ def test_a_swap_in_that_fails_to_bind_leaves_no_region_behind(repo, monkeypatch)
     monkeypatch.undo()
     served(node, "b", "resnet", natives["b"])  # the arena plans and serves as before
     served(node, "a", "resnet", natives["a"])
+
+
+def test_models_of_one_architecture_share_a_cold_graph_profile(tmp_path):
+    """The copy group size a cold graph measured (graphs.py: four captures and their timed
+    replays) is reused by every model of the same architecture, config and bytes — on a
+    node of functions fine-tuned from one base model, one measurement instead of one per
+    function — and never by a model whose kernels or bytes differ."""
+    from runtime.gpu_server.graphs import GraphCache
+
+    repo = Repository(tmp_path / "repo")
+    models.register(repo, "a", "resnet", seed=1)
+    models.register(repo, "b", "resnet", seed=2)
+    models.register(repo, "wider", "resnet", config={**models.TINY["resnet"].config, "hidden_sizes": [16, 32]})
+    store = ModelStore(repo, pin=False)
+    image = [torch.zeros(t.shape) for t in store.get("a").spec.inputs]
+
+    def profile(name: str, offset: int = 0, inputs=image) -> tuple:
+        model = store.get(name)
+        return GraphCache.profile(model, GraphCache.key(model, offset, inputs))
+
+    assert profile("a") == profile("b", offset=1 << 20)
+    assert profile("a") != profile("wider")
+    assert profile("a") != profile("a", inputs=[torch.zeros(2, *image[0].shape[1:])])

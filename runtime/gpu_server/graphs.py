@@ -22,6 +22,7 @@ overwritten by another's replay.
 """
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections import Counter, OrderedDict
@@ -81,10 +82,11 @@ class GraphCache:
         self.pairs: OrderedDict[Key, GraphPair] = OrderedDict()
         self.seen: Counter[Key] = Counter()
         self.uncapturable: set[Key] = set()
-        # (model name, model identity, input signature) → the copy group size measured
-        # fastest for it and the timings: a model captured again (its pair dropped from this
-        # cache, at the same home or at a new one) takes it without measuring again — a
-        # property of the model and its link, not of the offset
+        # profile (:meth:`profile`) → the copy group size measured fastest for it and the
+        # timings: a model captured again (its pair dropped from this cache, at the same home
+        # or at a new one), or another model of the same architecture, takes it without
+        # measuring again — a property of the kernels, the bytes and the link, not of the
+        # offset or the weights' values
         self.chosen: dict[tuple, tuple[int, dict[int, float]]] = {}
         self.captures = 0  # successful captures since start (a pair each)
         self.capture_s = 0.0  # device time they took, s
@@ -93,6 +95,17 @@ class GraphCache:
     def key(model, offset: int, inputs: list[torch.Tensor]) -> Key:
         """(model identity, arena offset, input shapes and dtypes)."""
         return (model.name, id(model), offset, tuple((tuple(t.shape), t.dtype) for t in inputs))
+
+    @staticmethod
+    def profile(model, key: Key) -> tuple:
+        """What a cold graph's best copy group size depends on: for a model built from an
+        architecture, (architecture, its config, total bytes, input signature) — the same
+        kernels and the same copies, whatever the weights (functions fine-tuned from one base
+        model); otherwise the model's own identity and the input signature."""
+        spec = model.spec
+        if spec.architecture:
+            return (spec.architecture, json.dumps(spec.config, sort_keys=True, default=str), model.nbytes, key[3])
+        return (key[0], key[1], key[3])
 
     def get(self, key: Key) -> GraphPair | None:
         pair = self.pairs.get(key)
@@ -138,9 +151,10 @@ class GraphCache:
         eager run or replay, or one capture: the eager run timed, the warm graph captured and
         timed, then one cold graph per copy group size in ``group_sizes`` (a size >= the
         model's bytes is one bulk copy) captured and timed. The fastest cold graph is kept:
-        the group size — pipelined or bulk — is chosen per model, device and input shape from
-        measurement, once: a later capture of the same model and inputs (after this cache
-        dropped its pair) takes the chosen size and captures one cold graph, untimed. The
+        the group size — pipelined or bulk — is chosen per :meth:`profile` (architecture or
+        model), device and input shape from measurement, once: a later capture of the same
+        profile (this model after this cache dropped its pair, or another model of its
+        architecture) takes the chosen size and captures one cold graph, untimed. The
         eager run and the graphs are timed alike (medians of a few runs on the
         device-resident ``static`` inputs), for :attr:`GraphPair.warm_beats_eager` and
         :meth:`cold_beats_eager`. The generator returns the pair (for :meth:`add`), or None
@@ -179,7 +193,8 @@ class GraphCache:
             samples = sorted(samples[1:])  # the first pays for this thread's cuBLAS handles, a graph's upload
             times.append(samples[len(samples) // 2])
 
-        known = self.chosen.get((key[0], key[1], key[3]))
+        profile = self.profile(model, key)
+        known = self.chosen.get(profile)
         sizes = [known[0]] if known else sorted({min(g, model.nbytes) for g in group_sizes})
         cold_ms = dict(known[1]) if known else {}
         times: list[float] = []
@@ -214,7 +229,7 @@ class GraphCache:
             self.uncapturable.add(key)
             return None
         size, cold, cold_out = best
-        self.chosen[(key[0], key[1], key[3])] = (size, cold_ms)
+        self.chosen[profile] = (size, cold_ms)
         return GraphPair(static, warm, warm_out, cold, cold_out, spent * 1e3, int(grown), size, cold_ms, eager_ms,
                          warm_ms, model.buffer)
 
@@ -242,7 +257,8 @@ class GraphCache:
 
     def drop(self, name: str) -> None:
         """Forgets every graph of model ``name`` (unregistered or re-registered), and what was
-        counted or learnt about it."""
+        counted or learnt about it (group sizes learnt for its architecture stay: they hold
+        for every model of that architecture)."""
         for key in [k for k in list(self.pairs) if k[0] == name]:
             del self.pairs[key]
         for key in [k for k in self.chosen if k[0] == name]:
