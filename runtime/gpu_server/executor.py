@@ -9,8 +9,8 @@ stream); different devices run in parallel.
 CUDA-graph captures (graphs.py) are kept off the request path: a run that finds its model
 ready for capture only queues it, and the executor's capture thread does the capture in
 steps (one timed run, or one graph captured) while no request is routed to the device — or,
-under sustained load, once the capture has waited CAPTURE_PATIENCE_S — holding the device
-for one step at a time. A capture of ResNet-101 done inline took 145 ms of the device in the
+under sustained load, one step per CAPTURE_PATIENCE_S — holding the device for one step at a
+time. A capture of ResNet-101 done inline took 145 ms of the device in the
 1×H200 node run, and every request behind it waited that long.
 """
 from __future__ import annotations
@@ -39,9 +39,9 @@ BOUND_CACHE = 512  # device-bound module skeletons kept per executor: no device 
 # is no lasting place for a model: it goes home, evicting whatever idle models are there,
 # and replays its graphs there instead of running eagerly as a guest (arena.py, home_first)
 PRESSURE_S = 10.0
-# s: a capture waiting this long takes its next step even while requests are routed to the
-# device: under sustained load the device is never idle, and a graph's runs (2-5x faster than
-# eager for the CNNs) give back more device time than its steps take
+# s: a capture waiting this long takes a step even while requests are routed to the device,
+# one such step per this long: under sustained load the device is never idle, and a graph's
+# runs (2-5x faster than eager for the CNNs) give back more device time than its steps take
 CAPTURE_PATIENCE_S = 1.0
 MAX_CAPTURES = 64  # queued captures kept per executor, the oldest dropped beyond (each holds its inputs, partial graphs)
 
@@ -158,6 +158,7 @@ class Executor:
         self._fault_leftovers: list = []  # outputs of failed runs, kept alive (run)
         self._pressed_at = float("-inf")  # last swap-in that found no free gap (PRESSURE_S)
         self._captures: OrderedDict[Key, _Capture] = OrderedDict()
+        self._forced_at = 0.0  # monotonic time of the last capture step taken while requests were routed here
         self._stepping: _Capture | None = None  # the job whose step is running (outside _cond)
         self._closed = False
         self._capturer = None
@@ -461,8 +462,11 @@ class Executor:
 
     def _capture_loop(self) -> None:
         """The capture thread: one step at a time of the oldest queued capture whose model is
-        at its home now, each while the device is idle (no request routed here) or once that
-        capture has waited CAPTURE_PATIENCE_S. A step holds the run lock (no run meanwhile)
+        at its home now, each while the device is idle (no request routed here) or, under
+        load, once that capture has waited CAPTURE_PATIENCE_S and no step was forced on the
+        device in the last CAPTURE_PATIENCE_S: one step per patience while requests wait, not
+        a whole capture back to back (on 2×H200 a device queued requests 160–180 ms behind one
+        while the other served). A step holds the run lock (no run meanwhile)
         and keeps its model in use (never evicted under it); a step that captures a graph
         takes the executor's lock too (GraphCache.capture's ``copy_lock``)."""
         while True:
@@ -474,8 +478,11 @@ class Executor:
                         # no idle() follows: looked for again after the patience
                         self._capture_wake.wait(CAPTURE_PATIENCE_S if self._captures and self.healthy else None)
                         continue
-                    waited = time.monotonic() - job.queued_at
-                    if self.queued == 0 or waited >= CAPTURE_PATIENCE_S:
+                    waited = time.monotonic() - max(job.queued_at, self._forced_at)
+                    if self.queued == 0:
+                        break
+                    if waited >= CAPTURE_PATIENCE_S:
+                        self._forced_at = time.monotonic()
                         break
                     self._capture_wake.wait(CAPTURE_PATIENCE_S - waited)
                 if self._closed:
