@@ -108,6 +108,7 @@ class NodeRunSettings:
                                  "rounds of one request per function, one at a time, each followed by the graph "
                                  "captures it queued, between the warm-up and the clock; a round that queues no "
                                  "capture ends the settling (0: none)")
+    settle_s: float = setting(240.0, "TORPOR_NODE_RUN_SETTLE_S", "longest the settling may take", "s")
     calibration: int = setting(50, "TORPOR_NODE_RUN_CALIBRATION", "sequential requests measuring the fixed overhead")
     concurrency: int = setting(512, "TORPOR_NODE_RUN_CONCURRENCY", "requests outstanding at once at most")
     workers: int = setting(0, "TORPOR_NODE_RUN_WORKERS", "registration processes (0: half the CPUs)")
@@ -211,7 +212,9 @@ def native_references(repo: Repository, names: list[str], bases: list[str], devi
 
 def scrape(url: str) -> dict[str, dict[tuple, float]]:
     """The GPU server's /metrics samples: metric sample name → {sorted label items: value}."""
-    text = requests.get(url + "/metrics", timeout=10).text
+    response = requests.get(url + "/metrics", timeout=10)
+    response.raise_for_status()
+    text = response.text
     samples: dict[str, dict[tuple, float]] = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -219,7 +222,7 @@ def scrape(url: str) -> dict[str, dict[tuple, float]]:
     return samples
 
 
-def settle_captures(url: str, rounds: int, functions: int, call: Callable[[int], bool],
+def settle_captures(url: str, rounds: int, functions: int, call: Callable[[int], bool], budget_s: float,
                     timeout_s: float = 30.0) -> dict[str, Any]:
     """Brings the node to the steady state the simulator assumes: up to ``rounds`` rounds of
     ``call(i)`` for every function ``i``, one at a time, each followed by waiting (at most
@@ -228,26 +231,35 @@ def settle_captures(url: str, rounds: int, functions: int, call: Callable[[int],
     request path while a device is idle, and only at the model's home, so after a concurrent
     warm-up many are still queued or not yet asked for; measured in their midst, a node run
     reports the capture transient (the first 2-GPU run: p98 674 ms over the window, 71 ms in
-    its last 70 s). A round that captured nothing ends early. Returns the rounds run,
-    captures taken, failed calls and seconds spent."""
+    its last 70 s). A round that captured nothing ends early, and the settling stops once it
+    has taken ``budget_s``. Returns the rounds run, captures taken, failed calls, waits that
+    ran out (``timeouts``), whether the budget ran out, and the seconds spent."""
     def ready() -> float:
         return sum(scrape(url).get("torpor_gpu_graph_captures_ready", {}).values())
 
     def captured() -> float:
         return sum(scrape(url).get("torpor_gpu_graph_captures_total", {}).values())
 
-    began, first, failed, done = time.monotonic(), captured(), 0, 0
+    began, first = time.monotonic(), captured()
+    done = failed = timeouts = 0
+    out_of_time = False
     for done in range(1, rounds + 1):
         before = captured()
         for i in range(functions):
+            out_of_time = time.monotonic() - began > budget_s
+            if out_of_time:
+                break
             failed += not call(i)
             deadline = time.monotonic() + timeout_s
-            while ready() and time.monotonic() < deadline:
+            while ready():
+                if time.monotonic() > deadline:
+                    timeouts += 1
+                    break
                 time.sleep(0.02)
-        if captured() == before:
+        if out_of_time or captured() == before:
             break
     return {"rounds": done if rounds else 0, "captures": int(captured() - first), "failed": failed,
-            "seconds": round(time.monotonic() - began, 1)}
+            "timeouts": timeouts, "out_of_time": out_of_time, "seconds": round(time.monotonic() - began, 1)}
 
 
 def delta(after: dict, before: dict, name: str, by: str) -> dict[str, float]:
@@ -344,9 +356,11 @@ def run(s: NodeRunSettings) -> dict[str, Any]:
         click.echo(f"warmed {len(names)} functions x {s.warm_containers} containers in {time.monotonic() - began:.0f} s",
                    err=True)
 
-        settle = settle_captures(stack.gpu_metrics_url, s.settle_rounds, len(names), lambda i: warm(i) is None)
+        settle = settle_captures(stack.gpu_metrics_url, s.settle_rounds, len(names), lambda i: warm(i) is None,
+                                 s.settle_s)
         click.echo(f"settled in {settle['seconds']:.0f} s: {settle['rounds']} rounds, {settle['captures']} captures, "
-                   f"{settle['failed']} failed requests", err=True)
+                   f"{settle['failed']} failed requests, {settle['timeouts']} waits ran out"
+                   f"{' (budget spent)' if settle['out_of_time'] else ''}", err=True)
 
         probe = min(range(len(names)), key=lambda i: model_bytes[names[i]])
         before = scrape(stack.gpu_metrics_url)

@@ -5,6 +5,7 @@ served output is compared bitwise with native execution of the same weights."""
 from __future__ import annotations
 
 import array
+import dataclasses
 import fcntl
 import json
 import os
@@ -16,8 +17,11 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter, OrderedDict
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -939,3 +943,29 @@ def test_models_of_one_architecture_share_a_cold_graph_profile(tmp_path):
     assert profile("a") == profile("b", offset=1 << 20)
     assert profile("a") != profile("wider")
     assert profile("a") != profile("a", inputs=[torch.zeros(2, *image[0].shape[1:])])
+
+    # a torch.export program is its own graph, whatever architecture its model.json declares
+    a = store.get("a")
+    program = SimpleNamespace(name="prog", spec=dataclasses.replace(a.spec, name="prog", format="export"),
+                              nbytes=a.nbytes)
+    assert profile("a") != GraphCache.profile(program, GraphCache.key(program, 0, image))
+
+    # dropping a model named like an architecture keeps what was learnt for the architecture
+    cache = GraphCache.__new__(GraphCache)  # its constructor needs CUDA; drop() touches only these
+    cache.pairs, cache.seen, cache.uncapturable = OrderedDict(), Counter(), set()
+    learnt = {profile("a"): (8 << 20, {}), ("model", "resnet", 1, ()): (2 << 20, {})}
+    cache.chosen = dict(learnt)
+    cache.drop("resnet")
+    assert cache.chosen == {profile("a"): learnt[profile("a")]}
+
+
+@pytest.mark.parametrize("ms", [-1.0, float("nan"), float("inf"), 1e-6, 1e12])
+def test_a_switch_interval_out_of_range_is_refused(ms):
+    """Python's switch interval (--gil-switch-interval-ms): a negative, non-finite, sub-µs
+    (rounded to Python's floor) or hours-long value is refused by name, never applied."""
+    from runtime.gpu_server.server import set_switch_interval
+
+    before = sys.getswitchinterval()
+    with pytest.raises(click.BadParameter, match="0.001 to 1000 ms"):
+        set_switch_interval(ms)
+    assert sys.getswitchinterval() == before

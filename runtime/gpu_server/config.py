@@ -45,9 +45,9 @@ class GPUServerSettings:
     publish_interval_s: float = setting(0.5, "TORPOR_PUBLISH_INTERVAL_S", "period of device-state updates in Redis", "s")
     gil_switch_interval_ms: float = setting(
         0.25, "TORPOR_GIL_SWITCH_INTERVAL_MS",
-        "Python's thread switch interval (sys.setswitchinterval; Python's default 5 ms): an eager run releases the "
-        "GIL at every kernel launch and waits up to this long to get it back from a busy thread (a model load, a "
-        "capture), so it bounds the per-launch stall (bench/gil.py; 0: Python's default)", "ms")
+        "Python's thread switch interval (sys.setswitchinterval; Python's default 5 ms; 0: keep it; else 0.001 to "
+        "1000): an eager run releases the GIL at every kernel launch, and a thread busy in Python (a model load, a "
+        "capture) keeps it for about this long before it is asked to let go, at every launch (bench/gil.py)", "ms")
     torch_threads: int = setting(0, "TORPOR_TORCH_THREADS", "intra-op CPU threads of torch (0: 1 when serving GPUs, torch's default on CPU devices)")
     mmap_threshold: int = setting(128 << 10, "TORPOR_MMAP_THRESHOLD",
                                   "host allocations this large or larger get their own mapping, returned to the "

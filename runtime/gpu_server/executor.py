@@ -158,7 +158,7 @@ class Executor:
         self._fault_leftovers: list = []  # outputs of failed runs, kept alive (run)
         self._pressed_at = float("-inf")  # last swap-in that found no free gap (PRESSURE_S)
         self._captures: OrderedDict[Key, _Capture] = OrderedDict()
-        self._forced_at = 0.0  # monotonic time of the last capture step taken while requests were routed here
+        self._forced_at = float("-inf")  # monotonic time a capture step last ended with requests routed here
         self._stepping: _Capture | None = None  # the job whose step is running (outside _cond)
         self._closed = False
         self._capturer = None
@@ -479,10 +479,7 @@ class Executor:
                         self._capture_wake.wait(CAPTURE_PATIENCE_S if self._captures and self.healthy else None)
                         continue
                     waited = time.monotonic() - max(job.queued_at, self._forced_at)
-                    if self.queued == 0:
-                        break
-                    if waited >= CAPTURE_PATIENCE_S:
-                        self._forced_at = time.monotonic()
+                    if self.queued == 0 or waited >= CAPTURE_PATIENCE_S:
                         break
                     self._capture_wake.wait(CAPTURE_PATIENCE_S - waited)
                 if self._closed:
@@ -503,16 +500,31 @@ class Executor:
             res = self._at_capture_offset(job)
             if res is None:
                 continue
-            if res.model is not job.model or res.module is not job.module or res.gates is not job.gates:
+            if not self._same_binding(job, res):
                 self._drop_capture(job.key)
                 continue
             return job
         return None
 
+    @staticmethod
+    def _same_binding(job: _Capture, res: Residency) -> bool:
+        return res.model is job.model and res.module is job.module and res.gates is job.gates
+
     def _at_capture_offset(self, job: _Capture) -> Residency | None:
         """``job``'s model's residency if it sits landed at the capture's offset (``_cond`` held)."""
         res = self.resident.get(job.model.name)
         return None if res is None or res.region.offset != job.offset or res.landing else res
+
+    def _captures_ready(self) -> int:
+        """Queued captures the capture thread would take now (``_cond`` held): none on an
+        unhealthy device, whose event queries raise."""
+        if not self.healthy:
+            return 0
+        ready = 0
+        for job in self._captures.values():
+            res = self._at_capture_offset(job)
+            ready += res is not None and self._same_binding(job, res)
+        return ready
 
     def _start_step(self, job: _Capture) -> Residency:
         """Pins ``job``'s model for one step (``_cond`` held) and returns its residency."""
@@ -542,6 +554,8 @@ class Executor:
         with self._cond:
             self._stepping = None
             res.in_use -= 1
+            if self.queued:  # requests waited behind this step, even one begun while idle
+                self._forced_at = time.monotonic()
             queued = self._captures.get(job.key) is job
             if fault is not None:
                 self._failed(fault)
@@ -593,6 +607,6 @@ class Executor:
                 "peer_swap_ins": self.stats.peer_swap_ins, "peer_swap_in_bytes": self.stats.peer_swap_in_bytes,
                 "evictions": self.stats.evictions, "runs": self.stats.runs, "graph_runs": self.stats.graph_runs,
                 "captures_queued": len(self._captures),
-                "captures_ready": sum(self._at_capture_offset(job) is not None for job in self._captures.values()),
+                "captures_ready": self._captures_ready(),
                 **(self.graphs.stats() if self.graphs else {}),
             }

@@ -99,13 +99,15 @@ class GraphCache:
     @staticmethod
     def profile(model, key: Key) -> tuple:
         """What a cold graph's best copy group size depends on: for a model built from an
-        architecture, (architecture, its config, total bytes, input signature) — the same
-        kernels and the same copies, whatever the weights (functions fine-tuned from one base
-        model); otherwise the model's own identity and the input signature."""
+        architecture, ("architecture", architecture, its config, total bytes, input
+        signature) — the same kernels and the same copies, whatever the weights (functions
+        fine-tuned from one base model); for a ``torch.export`` program, whose graph is its
+        own whatever architecture it declares, ("model", name, identity, input signature)."""
         spec = model.spec
-        if spec.architecture:
-            return (spec.architecture, json.dumps(spec.config, sort_keys=True, default=str), model.nbytes, key[3])
-        return (key[0], key[1], key[3])
+        if spec.architecture and spec.format != "export":
+            return ("architecture", spec.architecture, json.dumps(spec.config, sort_keys=True, default=str),
+                    model.nbytes, key[3])
+        return ("model", key[0], key[1], key[3])
 
     def get(self, key: Key) -> GraphPair | None:
         pair = self.pairs.get(key)
@@ -261,7 +263,7 @@ class GraphCache:
         for every model of that architecture)."""
         for key in [k for k in list(self.pairs) if k[0] == name]:
             del self.pairs[key]
-        for key in [k for k in self.chosen if k[0] == name]:
+        for key in [k for k in self.chosen if k[:2] == ("model", name)]:
             del self.chosen[key]
         for key in [k for k in self.seen if k[0] == name]:
             del self.seen[key]

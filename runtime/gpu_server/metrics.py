@@ -124,7 +124,7 @@ class ExecutorCollector(Collector):
             ("captures_queued", "torpor_gpu_graph_captures_queued",
              "CUDA graph captures waiting for the device to be idle or for their model to be at its home"),
             ("captures_ready", "torpor_gpu_graph_captures_ready",
-             "Queued CUDA graph captures whose model is at its home now: taken while the device is idle"),
+             "Queued CUDA graph captures the capture thread can take now (their model at its home, the device healthy)"),
         )}
         resident = GaugeMetricFamily("torpor_gpu_resident_models", "Models resident on the device", labels=["device"])
         model_bytes = GaugeMetricFamily("torpor_gpu_resident_model_bytes", "Arena bytes of one resident model",

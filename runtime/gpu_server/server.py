@@ -500,24 +500,41 @@ def check_authentication(settings: GPUServerSettings) -> None:
                 settings.socket)
 
 
+def set_switch_interval(ms: float) -> None:
+    """Sets Python's thread switch interval to ``ms`` milliseconds (0: leave Python's 5 ms).
+
+    Raises:
+        click.BadParameter: not 0 and not a finite value in [0.001, 1000] ms (below 1 µs
+            Python rounds to its floor; above, busy threads would keep the GIL for seconds).
+    """
+    if ms == 0:
+        return
+    if not (math.isfinite(ms) and 0.001 <= ms <= 1000):
+        raise click.BadParameter(f"{ms} ms: give 0 (Python's default) or 0.001 to 1000 ms",
+                                 param_hint="--gil-switch-interval-ms")
+    sys.setswitchinterval(ms / 1e3)
+
+
 def serve(settings: GPUServerSettings) -> None:
     """Runs the GPU server until SIGTERM/SIGINT.
 
     Raises:
         click.UsageError: no node secret and no explicit ``insecure_no_auth`` (check_authentication).
+        click.BadParameter: a switch interval out of range (set_switch_interval).
     """
     check_authentication(settings)
     limit_heap_growth(settings.mmap_threshold)
-    if settings.gil_switch_interval_ms > 0:
-        sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)
+    set_switch_interval(settings.gil_switch_interval_ms)
     # full fp32 by default: served outputs then equal native fp32 execution on any device;
     # TF32 convolutions (PyTorch's own default) are faster and differ by ~1e-3 relative
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = settings.cudnn_tf32
     devices = discover(settings.cpu_devices, settings.device_memory, settings.arena_bytes)
     serves_gpus = any(d.is_cuda for d in devices)
-    # with GPUs, the host's tensor work is copies (loads, outputs): torch's intra-op pool of a
-    # thread per core under every concurrent load oversubscribes the cores that launch kernels
+    # with GPUs, the host's tensor work is mostly copies (packed loads, outputs), and torch's
+    # intra-op pool of a thread per core under each of several concurrent loads oversubscribed
+    # the cores that launch kernels; a load without a stored layout traces its forward pass on
+    # this one thread, slower, but without taking every core
     threads = settings.torch_threads or (1 if serves_gpus else 0)
     if threads:
         torch.set_num_threads(threads)
