@@ -62,14 +62,16 @@ class Node:
         for ex in self.executors:
             i = ex.device.index
             resident = {}
+            healthy = ex.healthy  # after a sticky CUDA error its event queries raise: nothing lands there any more
             for name, res in dict(ex.resident).items():
-                resident[name] = ResidentModel(name, res.model.nbytes, res.last_used, res.in_use, loading=res.landing)
+                resident[name] = ResidentModel(name, res.model.nbytes, res.last_used, res.in_use,
+                                               loading=healthy and res.landing)
             routed = {m: n for (d, m), n in dict(self._routed).items() if d == i}
             kind = ex.device.name
             out.append(DeviceState(
                 index=i, link_id=self.topology.link_of(i), capacity_bytes=ex.arena.capacity, resident=resident,
                 queue_ms=sum(self.predictor.exec_ms(m, kind) * n for m, n in routed.items()),
-                busy=ex.queued > 0, healthy=ex.healthy, nvlink_peers=self.topology.peers(i), kind=kind,
+                busy=ex.queued > 0, healthy=healthy, nvlink_peers=self.topology.peers(i), kind=kind,
                 load=float(ex.stats.runs)))
         return out
 
