@@ -316,10 +316,59 @@ def test_an_activation_runs_the_revision_it_was_accepted_with(r, make_invoker):
     assert gone["statusCode"] == 3 and "no longer kept" in gone["result"]["error"]
 
 
+def test_a_parsed_revision_is_not_read_again_and_a_new_one_is(r, redis_url, make_invoker):
+    """The invoker keeps parsed action records by revision: an activation of a revision
+    parsed before, current or kept, reads only the small revision fields from Redis, not the
+    record and its code; an update (new revision, the same code) is read and run."""
+    from controller_plugin import state
+    make_invoker()
+    code = "def main(args):\n    return {'v': 1}\n" + "# padding\n" * 100_000  # a 1 MB record
+    record = {"namespace": "guest", "name": "big", "version": "0.0.1",
+              "exec": {"kind": "python:3", "code": code, "binary": False, "main": "main"}, "parameters": [],
+              "annotations": [], "limits": {"timeout": 60000, "memory": 256, "logs": 10, "concurrency": 1},
+              "publish": False, "updated": int(time.time() * 1000)}
+    assert state.create_action(r, record)
+    first = record["revision"]
+
+    def commands_of(revision: str, timeout_ms: int | None = None) -> tuple[dict, list[str]]:
+        """The activation's response and the commands Redis ran meanwhile (MONITOR)."""
+        seen, marker = [], uuid.uuid4().hex
+        with redis.Redis.from_url(redis_url).monitor() as monitor:
+            response = record_of(r, submit(r, "big", revision=revision, timeout_ms=timeout_ms))["response"]
+            r.echo(marker)
+            while marker not in (command := monitor.next_command()["command"]):
+                seen.append(command)
+        return response, seen
+
+    def reads_record(commands: list[str]) -> bool:
+        return any(c.startswith(("HGET torpor:actions:guest big", "GET torpor:action:guest/big:rev:"))
+                   for c in commands)
+
+    response, commands = commands_of(first)
+    assert response["result"] == {"v": 1} and reads_record(commands)  # the first activation reads it
+    response, commands = commands_of(first)
+    assert response["result"] == {"v": 1} and not reads_record(commands)
+    assert max(map(len, commands)) < 10_000  # no command carried the code
+    second = state.replace_action(r, "guest", "big", lambda current: current)["revision"]  # the same code
+    response, commands = commands_of(second)
+    assert response["result"] == {"v": 1} and reads_record(commands)
+    response, commands = commands_of(first)  # kept now, and parsed while it was current
+    assert response["result"] == {"v": 1} and not reads_record(commands)
+    for reads in (True, False):  # the kept copy, under another time limit: read once
+        response, commands = commands_of(first, timeout_ms=30_000)
+        assert response["result"] == {"v": 1} and reads_record(commands) is reads
+    state.delete_action(r, "guest", "big")
+    response, commands = commands_of(second)  # deleted after it was accepted: still kept
+    assert response["result"] == {"v": 1} and not reads_record(commands)
+    r.delete(state.revision_key("guest", "big", second))  # as when its time to be kept ran out
+    response, _ = commands_of(second)
+    assert response["statusCode"] == 3 and "no longer exists" in response["result"]["error"]
+
+
 def test_a_record_rewritten_in_place_runs_as_rewritten(r, make_invoker):
-    """The invoker keeps parsed action records, keyed by their bytes: a record rewritten
-    under the same name (no revision in the message) runs its new code, and a message's own
-    time limit applies even to a record parsed before."""
+    """A record written without a revision (not through ``controller_plugin.state``) is read
+    on each activation: rewritten under the same name (no revision in the message) it runs
+    its new code, and a message's own time limit applies too."""
     make_invoker()
     put_action(r, "inplace", "def main(args):\n    return {'v': 1}\n")
     assert record_of(r, submit(r, "inplace"))["response"]["result"] == {"v": 1}

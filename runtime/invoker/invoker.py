@@ -250,8 +250,9 @@ class Invoker:
         self._prefetcher = ThreadPoolExecutor(PREFETCH_THREADS, thread_name_prefix="prefetch")
         self._threads: list[threading.Thread] = []
         self._http = None
-        # (namespace, name) -> (raw record, timeout ms of the message, parsed record, spec)
-        self._actions: OrderedDict[tuple[str, str], tuple[bytes, int | None, dict, ActionSpec]] = OrderedDict()
+        # (namespace, name, revision, timeout ms of the message) -> (parsed record, spec): a
+        # revision id names one write of a record, so what is parsed from it never changes
+        self._actions: OrderedDict[tuple[str, str, str, int | None], tuple[dict, ActionSpec]] = OrderedDict()
         self._actions_lock = threading.Lock()
 
     # --- life cycle ------------------------------------------------------------------------
@@ -525,11 +526,16 @@ class Invoker:
             log.error("dropping a malformed activation message %r: %s", raw[:200], exc)
             self.redis.lrem(self.inflight_key, 1, raw)
             return True
-        # one round trip for both: whether the activation already ended, and its action
+        # one round trip for all: whether the activation already ended, the action's current
+        # revision and whether the message's revision is kept (replaced or deleted since); the
+        # record itself, code included, is read only when it is not parsed already (_action)
+        revision = msg.get("revision")
         with self.redis.pipeline(transaction=False) as pipe:
             pipe.get(state.activation_key(msg["activationId"]))
-            pipe.hget(state.actions_key(msg["namespace"]), msg["action"])
-            existing, current = pipe.execute()
+            pipe.hget(state.revisions_key(msg["namespace"]), msg["action"])
+            if isinstance(revision, str):
+                pipe.exists(state.revision_key(msg["namespace"], msg["action"], revision))
+            existing, current, *kept = pipe.execute()
         if existing is not None and state.is_final(json.loads(existing)):
             # a message put back after its record was stored (a crash or a Redis failure
             # between the two): running it again would run the activation twice
@@ -537,7 +543,8 @@ class Invoker:
             self.redis.lrem(self.inflight_key, 1, raw)
             return True
         try:
-            record, result_json = self.run_activation(msg, raw, current)
+            record, result_json = self.run_activation(msg, raw, current.decode() if current is not None else None,
+                                                      bool(kept and kept[0]))
         except _Requeue as requeue:
             self._requeue(raw, requeue.message)
             return False
@@ -579,12 +586,14 @@ class Invoker:
             pipe.execute()
         log.info("re-queued activation %s (attempt %s)", msg["activationId"], msg.get("attempt"))
 
-    def run_activation(self, msg: dict, raw: bytes, current: bytes | None) -> tuple[dict, str | None]:
+    def run_activation(self, msg: dict, raw: bytes, current: str | None, kept: bool) -> tuple[dict, str | None]:
         """Runs one activation message (``docs/architecture.md``) and returns its final record
         and, when the runtime's answer is the result verbatim, that result as JSON text (for
         ``state.finish_activation``'s ``result_json``).
         ``raw``: the message as taken from the in-flight list, where a re-dispatch removes it;
-        ``current``: the action's record as stored now (None: deleted), read with the message.
+        ``current``: the action's current revision id (None: deleted, or a record written
+        without one), ``kept``: whether the message's revision is kept as a replaced record,
+        both read with the message.
 
         Raises:
             _Requeue: the message must go back onto the queue (runtime shutting down, or the
@@ -595,7 +604,7 @@ class Invoker:
         start = now_ms()
         outages = self._gpu_outages
         prefetches = self._prefetch(msg.get("models") or [], msg.get("gpu"))
-        action, outcome = self._execute(msg, current)
+        action, outcome = self._execute(msg, current, kept)
         if outcome.status_code != SUCCESS and msg.get("models") and self.gpu_socket and self._gpu_lost(outages):
             outcome = self._after_gpu_loss(msg, outcome, raw)
         record = self._record(msg, action, start, outcome)
@@ -627,13 +636,13 @@ class Invoker:
                  "warm" if fields["init_ms"] is None else f"init {fields['init_ms']} ms", slo_ms,
                  "met" if met else "missed", extra={"fields": fields})
 
-    def _execute(self, msg: dict, current: bytes | None) -> tuple[dict | None, Outcome]:
+    def _execute(self, msg: dict, current: str | None, kept: bool) -> tuple[dict | None, Outcome]:
         ns, name, revision = msg["namespace"], msg["action"], msg.get("revision")
         try:
-            action, spec = self._action(msg, current)
+            action, spec, record = self._action(msg, current, kept)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             return None, _error(WHISK_ERROR, f"The action record of {ns}/{name} is malformed: {exc}")
-        if action is None and isinstance(revision, str) and current is not None:
+        if action is None and isinstance(revision, str) and record is not None:
             return None, _error(WHISK_ERROR, f"The revision of the action {ns}/{name} (version "
                                                 f"{msg.get('version')}) that accepted this activation is no "
                                                 f"longer kept: it was replaced more than {state.REVISION_TTL_S} s "
@@ -654,49 +663,58 @@ class Invoker:
         outcome.init_ms = init_ms
         return action, outcome
 
-    def _action(self, msg: dict, current: bytes | None) -> tuple[dict | None, ActionSpec | None]:
-        """The action record the activation runs and its spec: the revision the controller
-        accepted (``msg["revision"]``: ``current`` when it is that one, else the kept copy),
-        or ``current`` for a message without one; (None, None) when that record is gone.
+    def _action(self, msg: dict, current: str | None,
+                kept: bool) -> tuple[dict | None, ActionSpec | None, bytes | None]:
+        """The action record the activation runs, its spec and, when it was read, the
+        action's current record (else None): the revision the controller accepted
+        (``msg["revision"]``: the current record when it is that one, else the kept copy), or
+        the current record for a message without one; (None, None, ...) when that record is
+        gone. ``current`` and ``kept`` as for :meth:`run_activation`. A revision parsed before
+        for the same time limit is not read again: a zipped action's record is megabytes.
 
         Raises:
             ValueError, TypeError, KeyError, AttributeError: a malformed record.
         """
         ns, name, revision = msg["namespace"], msg["action"], msg.get("revision")
         timeout_ms = msg.get("timeout_ms")
-        if current is not None:
-            action, spec = self._parsed(ns, name, current, timeout_ms)
+        wanted = revision if isinstance(revision, str) else current
+        if wanted is not None and (wanted == current or kept):
+            with self._actions_lock:
+                cached = self._actions.get((ns, name, wanted, timeout_ms))
+                if cached is not None:
+                    self._actions.move_to_end((ns, name, wanted, timeout_ms))
+                    return (*cached, None)
+        record = self.redis.hget(state.actions_key(ns), name)
+        if record is not None:
+            action, spec = self._parsed(ns, name, record, timeout_ms)
             if not isinstance(revision, str) or action.get("revision") == revision:
-                return action, spec
+                return action, spec, record
         if not isinstance(revision, str):
-            return None, None
+            return None, None, record
         raw = self.redis.get(state.revision_key(ns, name, revision))  # replaced or deleted since: the kept copy
         if raw is None:
-            return None, None
-        action = json.loads(raw)
-        return action, action_spec(ns, name, action, raw, timeout_ms or action_limits(action)["timeout"],
-                                   self.settings.node_secret)
+            return None, None, record
+        return (*self._parsed(ns, name, raw, timeout_ms), record)
 
     def _parsed(self, ns: str, name: str, raw: bytes, timeout_ms: int | None) -> tuple[dict, ActionSpec]:
         """The action record ``raw`` of ``ns``/``name`` parsed, and its spec for an activation
-        of ``timeout_ms`` (None: the action's own limit), from the cache when the same bytes
-        were parsed before: parsing, hashing and signing a record cost more than comparing
-        it, and a zipped action's record is megabytes."""
-        key = (ns, name)
-        with self._actions_lock:
-            cached = self._actions.get(key)
-            if cached is not None:
-                self._actions.move_to_end(key)
-        if cached is not None and cached[0] == raw and cached[1] == timeout_ms:
-            return cached[2], cached[3]
+        of ``timeout_ms`` (None: the action's own limit), kept for the next activation of its
+        revision (a record without one, written other than by ``controller_plugin.state``,
+        is not kept).
+
+        Raises:
+            ValueError, TypeError, KeyError, AttributeError: a malformed record.
+        """
         action = json.loads(raw)
         spec = action_spec(ns, name, action, raw, timeout_ms or action_limits(action)["timeout"],
                            self.settings.node_secret)
-        with self._actions_lock:
-            self._actions[key] = (raw, timeout_ms, action, spec)
-            self._actions.move_to_end(key)
-            while len(self._actions) > ACTION_CACHE:
-                self._actions.popitem(last=False)
+        revision = action.get("revision")
+        if isinstance(revision, str):
+            with self._actions_lock:
+                self._actions[(ns, name, revision, timeout_ms)] = (action, spec)
+                self._actions.move_to_end((ns, name, revision, timeout_ms))
+                while len(self._actions) > ACTION_CACHE:
+                    self._actions.popitem(last=False)
         return action, spec
 
     def _run(self, msg: dict, action: dict, spec: ActionSpec, container: Container) -> Outcome:
