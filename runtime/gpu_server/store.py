@@ -190,7 +190,7 @@ def _load_packed(spec: ModelSpec, pin: bool) -> HostModel | None:
                 # get_tensor copied each weight into a fresh tensor first (a second copy, and new
                 # pages to fault in per weight); 8 loads at once on 2 cores spent 278 ms median
                 # copying that way, 143 ms this way
-                if os.preadv(fd, [view[slot.offset:slot.offset + slot.nbytes]], base + start) != slot.nbytes:
+                if not _read_exactly(fd, view[slot.offset:slot.offset + slot.nbytes], base + start):
                     raise ModelLoadError(f"model {spec.name}: {path} ends inside weight {name}")
     except FileNotFoundError as exc:
         raise VersionGone(f"model {spec.name}: version {spec.path} was collected while loading") from exc
@@ -228,6 +228,22 @@ def _safetensors_header(model: str, path: Path, fd: int) -> tuple[int, dict]:
         raise ModelLoadError(f"model {model}: {path}: malformed safetensors header: not a JSON object")
     header.pop("__metadata__", None)
     return 8 + length, header
+
+
+def _read_exactly(fd: int, into: memoryview, offset: int) -> bool:
+    """Fills ``into`` from file ``fd`` at byte ``offset``; False when the file ends first.
+    One read returns at most ~2 GiB on Linux (a large embedding is more), hence the loop.
+
+    Raises:
+        OSError: the file does not read.
+    """
+    done = 0
+    while done < len(into):
+        got = os.preadv(fd, [into[done:]], offset + done)
+        if got == 0:
+            return False
+        done += got
+    return True
 
 
 def _slot_start(model: str, path: Path, header: dict, name: str, slot: Slot) -> int:
