@@ -201,3 +201,41 @@ def test_a_dropped_model_keeps_its_host_memory_for_the_grace_period_then_frees_i
     store.get("b")  # the next version check lets go of what has served its grace
     gc.collect()
     assert held() is None
+
+
+def _truncate(data: bytes) -> bytes:
+    return data[:-100]
+
+
+def _huge_header(data: bytes) -> bytes:
+    return (2 ** 40).to_bytes(8, "little") + data[8:]
+
+
+def _broken_header(data: bytes) -> bytes:
+    return data[:8] + b"[" + data[9:]  # the JSON object opens as a list
+
+
+def _shifted_offsets(data: bytes) -> bytes:
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + length])
+    name = next(n for n in header if n != "__metadata__")
+    header[name]["data_offsets"][1] += 4
+    text = json.dumps(header).encode()
+    return len(text).to_bytes(8, "little") + text + data[8 + length:]
+
+
+@pytest.mark.parametrize("damage, words", [
+    (_truncate, "ends inside weight"),
+    (_huge_header, "not a safetensors file"),
+    (_broken_header, "malformed safetensors header"),
+    (_shifted_offsets, "spans bytes"),
+], ids=["truncated", "huge-header", "broken-header", "shifted-offsets"])
+def test_a_damaged_weights_file_is_a_load_error_naming_the_model(repo, damage, words):
+    # the packed path reads the safetensors header and the weights' bytes itself (store.py)
+    models.register(repo, "w", "resnet")
+    spec = repo.spec("w")
+    weights = Path(spec.path) / spec.weights
+    weights.chmod(0o644)
+    weights.write_bytes(damage(weights.read_bytes()))
+    with pytest.raises(ModelLoadError, match=f"model w.*{words}"):
+        load(spec, pin=False)
